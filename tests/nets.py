@@ -1,0 +1,49 @@
+"""Small networks for tests, importable as factories (``tests.nets:gap_net``) from configs."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class GapNet(nn.Module):
+    """conv-relu-conv-relu ("features") -> global average pool -> linear: a CAM-ready network."""
+
+    def __init__(self, num_classes: int = 5, width: int = 16, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, width, 3, padding=1),
+            nn.ReLU(inplace=True),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width, num_classes)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+class HiddenHeadNet(GapNet):
+    """Like GapNet but with a hidden layer in the head: no CAM possible."""
+
+    def __init__(self, num_classes: int = 5, width: int = 16, seed: int = 0) -> None:
+        super().__init__(num_classes, width, seed)
+        self.hidden = nn.Linear(width, width)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.hidden(self.pool(self.features(x)).flatten(1))))
+
+
+def gap_net(num_classes: int = 5, width: int = 16, seed: int = 0) -> nn.Module:
+    return GapNet(num_classes, width, seed)
+
+
+def hidden_head_net(num_classes: int = 5) -> nn.Module:
+    return HiddenHeadNet(num_classes)

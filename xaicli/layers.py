@@ -1,0 +1,140 @@
+"""Target layers: a dotted module path (``layer4.2.conv3``), optionally ``NAME:input`` to take the
+module's input instead of its output; the module tree with output shapes for ``xai layers``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .errors import LayerError, suggest
+
+
+@dataclass(frozen=True)
+class LayerRef:
+    name: str  # dotted path as the user wrote it, without the ':input' suffix
+    module: nn.Module
+    use_input: bool = False
+
+    @property
+    def spec(self) -> str:
+        return f"{self.name}:input" if self.use_input else self.name
+
+
+def parse_layer_spec(spec: str) -> tuple[str, bool]:
+    name, sep, port = spec.strip().partition(":")
+    if sep and port not in ("input", "output"):
+        raise LayerError(
+            f"target_layer: {spec!r}: unknown port {port!r}",
+            "write NAME for the module's output or NAME:input for its input",
+        )
+    return name, port == "input"
+
+
+def resolve_layer(model: nn.Module, spec: str) -> LayerRef:
+    """The module named by ``spec``; the error lists the closest valid names."""
+    name, use_input = parse_layer_spec(spec)
+    modules = dict(model.named_modules())
+    if name not in modules or name == "":
+        names = [n for n in modules if n]
+        raise LayerError(
+            f"target_layer: no module named {name!r} in {type(model).__name__}",
+            suggest(name, names) + " (`xai layers --config ...` prints the tree with shapes)",
+        )
+    return LayerRef(name=name, module=modules[name], use_input=use_input)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str
+    type: str
+    depth: int
+    input_shape: tuple[int, ...] | None
+    output_shape: tuple[int, ...] | None
+    calls: int
+    params: int
+
+
+def _shape(v: object) -> tuple[int, ...] | None:
+    if isinstance(v, Tensor):
+        return tuple(v.shape)
+    if isinstance(v, (tuple, list)) and v and isinstance(v[0], Tensor):
+        return tuple(v[0].shape)
+    return None
+
+
+def layer_table(model: nn.Module, input_size: tuple[int, int], device: torch.device | str = "cpu") -> list[LayerInfo]:
+    """Every module with its output shape for one dummy image (one forward, no gradients)."""
+    seen: dict[str, dict[str, object]] = {}
+    handles = []
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+
+        def hook(m: nn.Module, args: tuple[object, ...], out: object, _name: str = name) -> None:
+            rec = seen.setdefault(_name, {"calls": 0})
+            rec["calls"] = int(rec["calls"]) + 1  # type: ignore[call-overload]
+            rec["in"] = _shape(args)
+            rec["out"] = _shape(out)
+
+        handles.append(mod.register_forward_hook(hook))
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, 3, *input_size, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    rows = []
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+        rec = seen.get(name, {})
+        rows.append(
+            LayerInfo(
+                name=name,
+                type=type(mod).__name__,
+                depth=name.count("."),
+                input_shape=rec.get("in"),  # type: ignore[arg-type]
+                output_shape=rec.get("out"),  # type: ignore[arg-type]
+                calls=int(rec.get("calls", 0)),  # type: ignore[call-overload]
+                params=sum(p.numel() for p in mod.parameters(recurse=False)),
+            )
+        )
+    return rows
+
+
+def auto_layer(model: nn.Module, input_size: tuple[int, int], device: torch.device | str = "cpu") -> LayerRef:
+    """The layer CAM papers use: the input of the global pooling module when the model has one
+    (the last feature map after its activation), else the last module, in execution order, that
+    outputs a spatial map (B, C, h, w) with h, w > 1 and runs once per forward."""
+    rows = layer_table(model, input_size, device)
+    by_name = {r.name: r for r in rows}
+    order: list[str] = []
+    handles = []
+    for name, mod in model.named_modules():
+        if name:
+            handles.append(mod.register_forward_hook(lambda m, a, o, _n=name: order.append(_n)))
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, 3, *input_size, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+
+    def spatial(s: tuple[int, ...] | None) -> bool:
+        return s is not None and len(s) == 4 and s[2] > 1 and s[3] > 1
+
+    for name in reversed(order):
+        r = by_name[name]
+        pooled = r.output_shape is not None and len(r.output_shape) >= 2 and all(d == 1 for d in r.output_shape[2:])
+        if "Pool" in r.type and r.calls == 1 and pooled and spatial(r.input_shape):
+            return resolve_layer(model, f"{name}:input")
+    for name in reversed(order):
+        r = by_name[name]
+        if spatial(r.output_shape) and r.calls == 1:
+            return resolve_layer(model, name)
+    raise LayerError(
+        f"no layer of {type(model).__name__} gives a spatial map (B, C, h, w)",
+        "set target_layer in the config (`xai layers --config ...` prints the tree)",
+    )

@@ -1,0 +1,140 @@
+"""The method registry: name -> MethodSpec, filled by a decorator in each method module.
+
+`xai methods`, config validation and the engine (grad or no-grad, which tensors to capture,
+how to render) all read this one table. A method is a function ``fn(batch, params) -> map``:
+
+* ``batch`` is a :class:`xaicli.methods.base.Batch`: the input on the device, the targets, the
+  shared forward's logits, activations and gradients, and a chunked ``forward`` for methods
+  that need more passes;
+* ``params`` is the method's frozen parameter dataclass, validated from ``methods.<name>``;
+* the result is a float map on the batch's device, (B, h, w) for layer maps or (B, C, H, W) /
+  (B, H, W) for pixel maps, or a :class:`MethodOutput` with per-image extras for scores.jsonl.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ..errors import ConfigError, suggest
+
+Family = Literal["cam", "gradient", "perturbation"]
+Space = Literal["layer", "pixel"]
+GradOf = Literal["none", "layer", "input"]
+
+
+@dataclass(frozen=True)
+class NoParams:
+    """A method without knobs."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    fn: Callable[..., Any]
+    family: Family
+    summary: str
+    paper: str
+    space: Space  # "layer": map at the target layer's resolution; "pixel": at the input's
+    grad_of: GradOf  # which gradient of the class score the shared pass must provide
+    needs_layer: bool  # reads the target layer's activations
+    signed: bool  # the raw map has a meaningful sign (rendered diverging or as magnitude)
+    params: type
+    # (params, n_channels at the target layer) -> (forwards, backwards) per image and target
+    cost: Callable[[Any, int | None], tuple[int, int]]
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def needs_grad(self) -> bool:
+        return self.grad_of != "none" or self.family == "gradient"
+
+    def cost_text(self, params: Any = None, channels: int | None = None) -> str:
+        f, b = self.cost(params if params is not None else self.params(), channels)
+        if b:
+            return f"{f} fwd + {b} bwd"
+        return f"{f} fwd"
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+_ALIASES: dict[str, str] = {}
+# Modules that register methods on import; later issues append theirs here.
+_MODULES = ("cam", "eigen", "gradient", "perturbation")
+_loaded = False
+
+
+def register(
+    name: str,
+    *,
+    family: Family,
+    summary: str,
+    paper: str,
+    space: Space,
+    grad_of: GradOf = "none",
+    needs_layer: bool = True,
+    signed: bool = False,
+    params: type = NoParams,
+    cost: Callable[[Any, int | None], tuple[int, int]] | None = None,
+    aliases: tuple[str, ...] = (),
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``fn`` under ``name``; a duplicate name fails at import."""
+    if not dataclasses.is_dataclass(params):
+        raise TypeError(f"{name}: params must be a dataclass")
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for n in (name, *aliases):
+            if n in _REGISTRY or n in _ALIASES:
+                raise RuntimeError(f"method {n!r} registered twice")
+        default_cost = (1, 1 if grad_of != "none" else 0)
+        _REGISTRY[name] = MethodSpec(
+            name=name,
+            fn=fn,
+            family=family,
+            summary=summary,
+            paper=paper,
+            space=space,
+            grad_of=grad_of,
+            needs_layer=needs_layer,
+            signed=signed,
+            params=params,
+            cost=cost or (lambda p, c: default_cost),
+            aliases=aliases,
+        )
+        for a in aliases:
+            _ALIASES[a] = name
+        return fn
+
+    return deco
+
+
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for mod in _MODULES:
+        try:
+            importlib.import_module(f"{__name__}.{mod}")
+        except ModuleNotFoundError as e:  # a module of a later issue not written yet
+            if e.name != f"{__name__}.{mod}":
+                raise
+
+
+def all_methods() -> list[MethodSpec]:
+    _load()
+    return list(_REGISTRY.values())
+
+
+def get_method(name: str, path: str = "method") -> MethodSpec:
+    """The spec of a method by name or alias; the error lists the close matches."""
+    _load()
+    key = name.strip().lower().replace("-", "_")
+    key = _ALIASES.get(key, key)
+    if key not in _REGISTRY:
+        raise ConfigError(
+            f"{path}: unknown method {name!r}",
+            suggest(name, [*_REGISTRY, *_ALIASES]) + " (`xai methods` lists them)",
+        )
+    return _REGISTRY[key]

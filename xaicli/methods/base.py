@@ -1,0 +1,151 @@
+"""What a method receives (Batch) and returns (MethodOutput), plus the chunked passes the
+many-forward methods share. No file, device choice or progress bar in here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from ..layers import LayerRef
+
+
+def is_oom(e: BaseException) -> bool:
+    """True for a device out-of-memory error (CUDA's own class or the generic RuntimeError)."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+
+
+def chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, max(1, size)):
+        yield slice(start, min(n, start + size))
+
+
+def run_chunked(fn: Callable[[slice], Tensor], n: int, budget: int) -> Tensor:
+    """Apply ``fn`` to slices of ``range(n)`` of at most ``budget`` items and concatenate.
+
+    On a device out-of-memory error the slice is halved and retried, down to one item.
+    """
+    outs: list[Tensor] = []
+    start, size = 0, max(1, budget)
+    while start < n:
+        sl = slice(start, min(n, start + size))
+        try:
+            outs.append(fn(sl))
+        except Exception as e:
+            if not is_oom(e) or size == 1:
+                raise
+            size = max(1, size // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        start = sl.stop
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+@dataclass
+class Runner:
+    """Passes over the model at the run's precision, chunked by the engine's batch budget."""
+
+    model: nn.Module
+    budget: int
+    autocast: Callable[[], AbstractContextManager[object]] = nullcontext
+    memory_format: torch.memory_format = torch.contiguous_format
+    precision: str = "fp32"
+
+    def prepare(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Logits (float32) for any number of inputs, without gradients."""
+
+        def one(sl: slice) -> Tensor:
+            with torch.inference_mode(), self.autocast():
+                return self.model(self.prepare(x[sl])).float()
+
+        return run_chunked(one, x.shape[0], self.budget)
+
+    def scores(self, x: Tensor, targets: Tensor) -> Tensor:
+        """The target logit of each input (B,), without gradients; ``targets`` is (B,)."""
+
+        def one(sl: slice) -> Tensor:
+            with torch.inference_mode(), self.autocast():
+                out = self.model(self.prepare(x[sl])).float()
+            return out.gather(1, targets[sl, None]).squeeze(1)
+
+        return run_chunked(one, x.shape[0], self.budget)
+
+    def input_gradients(self, x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """d logit[target] / d input for each input, and the target logits, chunked."""
+        grads: list[Tensor] = []
+
+        def one(sl: slice) -> Tensor:
+            xi = x[sl].detach().clone().requires_grad_(True)
+            with torch.enable_grad(), self.autocast():
+                out = self.model(self.prepare(xi)).float()
+            score = out.gather(1, targets[sl, None]).squeeze(1)
+            (g,) = torch.autograd.grad(score.sum(), xi)
+            grads.append(g.float())
+            return score.detach()
+
+        # run_chunked retries a slice on OOM; drop a partial result of the failed try.
+        def guarded(sl: slice) -> Tensor:
+            n_before = len(grads)
+            try:
+                return one(sl)
+            except Exception:
+                del grads[n_before:]
+                raise
+
+        scores = run_chunked(guarded, x.shape[0], self.budget)
+        return torch.cat(grads), scores
+
+
+@dataclass
+class Batch:
+    """One batch as a method sees it. Tensors live on the run's device; maps stay there."""
+
+    x: Tensor  # (B, 3, H, W) model input
+    targets: Tensor  # (B,) class index explained for each image
+    logits: Tensor  # (B, K) float32 logits of the shared forward
+    runner: Runner
+    layer: LayerRef | None = None
+    activations: Tensor | None = None  # (B, C, h, w) float32 at the target layer
+    gradients: Tensor | None = None  # d logit[target] / d activations, float32
+    input_grad: Tensor | None = None  # d logit[target] / d x, float32
+    seeds: Tensor | None = None  # (B,) int64, one seed per image (stable across batch sizes)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.runner.model
+
+    @property
+    def size(self) -> int:
+        return int(self.x.shape[0])
+
+    def target_scores(self) -> Tensor:
+        return self.logits.gather(1, self.targets[:, None]).squeeze(1)
+
+    def generators(self) -> list[torch.Generator]:
+        """One seeded generator per image, so sampled noise does not depend on the batching."""
+        seeds = self.seeds.tolist() if self.seeds is not None else list(range(self.size))
+        gens = []
+        for s in seeds:
+            g = torch.Generator(device=self.x.device)
+            g.manual_seed(int(s))
+            gens.append(g)
+        return gens
+
+
+@dataclass
+class MethodOutput:
+    """A map plus per-image scalars (B,) that go to scores.jsonl under the method's entry."""
+
+    map: Tensor
+    extras: dict[str, Tensor] = field(default_factory=dict)

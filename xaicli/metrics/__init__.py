@@ -1,0 +1,78 @@
+"""The metric registry: name -> MetricSpec. A metric scores one method's maps for a batch.
+
+A metric is a function ``fn(batch, maps, params) -> dict[str, Tensor]``:
+
+* ``batch`` is the method's :class:`xaicli.methods.base.Batch` (input, targets, chunked runner);
+* ``maps`` is (B, H, W) float32 on the device at the model input's resolution, non-negative and
+  scaled to [0, 1] per image (how the engine normalises for rendering);
+* the result maps score names to per-image values (B,) (or per-image lists as (B, N) tensors),
+  written under ``metrics`` in the method's entry of scores.jsonl and aggregated in run.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigError, suggest
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    fn: Callable[..., Any]
+    summary: str
+    params: type
+    # (params) -> forwards per image and method
+    cost: Callable[[Any], int]
+
+
+_REGISTRY: dict[str, MetricSpec] = {}
+# Modules that register metrics on import; later issues append theirs here.
+_MODULES: tuple[str, ...] = ("faithfulness", "localization")
+_loaded = False
+
+
+def register(
+    name: str, *, summary: str, params: type, cost: Callable[[Any], int] | None = None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    if not dataclasses.is_dataclass(params):
+        raise TypeError(f"{name}: params must be a dataclass")
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name in _REGISTRY:
+            raise RuntimeError(f"metric {name!r} registered twice")
+        _REGISTRY[name] = MetricSpec(name, fn, summary, params, cost or (lambda p: 0))
+        return fn
+
+    return deco
+
+
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for mod in _MODULES:
+        try:
+            importlib.import_module(f"{__name__}.{mod}")
+        except ModuleNotFoundError as e:  # a module of a later issue not written yet
+            if e.name != f"{__name__}.{mod}":
+                raise
+
+
+def all_metrics() -> list[MetricSpec]:
+    _load()
+    return list(_REGISTRY.values())
+
+
+def get_metric(name: str, path: str = "metrics") -> MetricSpec:
+    _load()
+    key = name.strip().lower().replace("-", "_")
+    if key not in _REGISTRY:
+        choices = list(_REGISTRY) or ["(none available yet)"]
+        raise ConfigError(f"{path}: unknown metric {name!r}", suggest(name, choices))
+    return _REGISTRY[key]

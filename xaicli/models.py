@@ -1,0 +1,303 @@
+"""Model sources (torchvision, timm, ``module:callable`` factories), checkpoints, labels and
+the preprocessing each model expects.
+
+Checkpoints are state dicts read with ``torch.load(weights_only=True)``: a file that needs
+arbitrary unpickling is refused. torchvision's weights enums give labels and preprocessing
+(``meta`` and ``transforms()``); their files come from torch hub's cache, never from the network
+unless the cache misses and the network is there.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ModelConfig, PreprocessConfig
+from .errors import ConfigError, ModelError, suggest
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
+PKG_PREFIX = "pkg://"
+
+
+@dataclass
+class LoadedModel:
+    module: nn.Module
+    labels: list[str] | None
+    preprocess: Preprocess
+    description: str  # e.g. "torchvision resnet50 (IMAGENET1K_V2)"
+
+    def label(self, index: int) -> str:
+        if self.labels is not None and 0 <= index < len(self.labels):
+            return self.labels[index]
+        return f"class {index}"
+
+
+def resolve_path(spec: str, what: str = "file") -> Path:
+    """A filesystem path, or ``pkg://package/relative/path`` for a file inside an installed package."""
+    if spec.startswith(PKG_PREFIX):
+        rest = spec[len(PKG_PREFIX):]
+        package, _, rel = rest.partition("/")
+        if not package or not rel:
+            raise ConfigError(f"{what}: {spec!r} must look like pkg://package/relative/path")
+        try:
+            found = importlib.util.find_spec(package)
+        except (ImportError, ValueError):
+            found = None
+        if found is None or not found.submodule_search_locations:
+            raise ModelError(
+                f"{what}: package {package!r} of {spec!r} is not installed",
+                f"pip install {package.replace('_', '-')}",
+            )
+        base = Path(next(iter(found.submodule_search_locations)))
+        path = base / rel
+    else:
+        path = Path(os.path.expanduser(spec))
+    if not path.is_file():
+        raise ModelError(f"{what}: file not found: {path}", "check the path in the config")
+    return path
+
+
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
+
+
+def load_state_dict(spec: str, key: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a state dict safely: ``weights_only=True``; unwrap {'state_dict': ...} style files;
+    strip DataParallel's ``module.`` and torch.compile's ``_orig_mod.`` prefixes."""
+    path = resolve_path(spec, "checkpoint")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(
+            f"checkpoint {path}: cannot be read as plain weights ({msg})",
+            "xaicli loads checkpoints with torch.load(weights_only=True) and refuses pickled code; "
+            "save them with torch.save(model.state_dict(), path)",
+        ) from None
+    if key is not None:
+        if not isinstance(obj, Mapping) or key not in obj:
+            keys = list(obj) if isinstance(obj, Mapping) else []
+            raise ModelError(f"checkpoint {path}: no key {key!r}", suggest(key, [str(k) for k in keys]))
+        obj = obj[key]
+    elif isinstance(obj, Mapping):
+        for k in _WRAPPER_KEYS:
+            if isinstance(obj.get(k), Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+                obj = obj[k]
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelError(
+            f"checkpoint {path}: not a state dict (a mapping of names to tensors)",
+            "set model.checkpoint_key to the entry holding the weights",
+        )
+    out = {}
+    for k, v in obj.items():
+        for prefix in ("module.", "_orig_mod."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatch
+        first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
+        raise ModelError(
+            f"checkpoint {source} does not fit {type(model).__name__}: {first.strip()}",
+            "check model.name / model.kwargs (e.g. num_classes) against the checkpoint",
+        ) from None
+    if result.missing_keys or result.unexpected_keys:
+        parts = []
+        if result.missing_keys:
+            parts.append(f"missing {len(result.missing_keys)} (e.g. {', '.join(result.missing_keys[:3])})")
+        if result.unexpected_keys:
+            parts.append(
+                f"unexpected {len(result.unexpected_keys)} (e.g. {', '.join(result.unexpected_keys[:3])})"
+            )
+        raise ModelError(
+            f"checkpoint {source} does not match {type(model).__name__}: " + "; ".join(parts),
+            "check the architecture, or set model.checkpoint_key if the weights are nested",
+        )
+
+
+def load_labels(spec: str | None) -> list[str] | None:
+    if spec is None:
+        return None
+    if spec == "imagenet":
+        path = Path(__file__).parent / "data" / "imagenet_classes.txt"
+    else:
+        try:
+            path = resolve_path(spec, "model.labels")
+        except ModelError as e:
+            raise ConfigError(e.message, e.hint) from None
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"model.labels: cannot read {path}: {e}") from None
+    labels = [ln.strip() for ln in lines if ln.strip()]
+    if not labels:
+        raise ConfigError(f"model.labels: {path} holds no class names")
+    return labels
+
+
+def _looks_like_path(s: str) -> bool:
+    return s.startswith(PKG_PREFIX) or "/" in s or os.sep in s or s.endswith((".pth", ".pt", ".bin", ".ckpt"))
+
+
+def _torchvision(cfg: ModelConfig) -> tuple[nn.Module, list[str] | None, dict[str, Any], str]:
+    import torchvision.models as tvm
+
+    assert cfg.name
+    names = tvm.list_models()
+    if cfg.name not in names:
+        raise ConfigError(f"model.name: unknown torchvision model {cfg.name!r}", suggest(cfg.name, names))
+    weights = None
+    checkpoint = cfg.checkpoint
+    if cfg.weights is not None:
+        if _looks_like_path(cfg.weights):
+            checkpoint = cfg.weights
+        else:
+            enum = tvm.get_model_weights(cfg.name)
+            members = list(enum.__members__)
+            if cfg.weights not in members:
+                raise ConfigError(
+                    f"model.weights: {cfg.name} has no weights {cfg.weights!r}", suggest(cfg.weights, members)
+                )
+            weights = enum[cfg.weights]
+    kwargs = dict(cfg.kwargs)
+    if weights is not None and "num_classes" not in kwargs:
+        kwargs["num_classes"] = len(weights.meta["categories"])
+    try:
+        model = tvm.get_model(cfg.name, weights=None, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"model.kwargs: {cfg.name} rejects {kwargs}: {e}") from None
+    desc = f"torchvision {cfg.name}"
+    if checkpoint is not None:
+        apply_state_dict(model, load_state_dict(checkpoint, cfg.checkpoint_key), checkpoint)
+        desc += f" ({checkpoint})"
+    elif weights is not None:
+        apply_state_dict(model, _hub_weights(weights), str(weights))
+        desc += f" ({weights})"
+    else:
+        desc += " (random weights)"
+    labels, pre = None, {}
+    if weights is not None:
+        labels = list(weights.meta["categories"])
+        t = weights.transforms()
+        pre = {
+            "resize": _first(getattr(t, "resize_size", None)),
+            "crop": _first(getattr(t, "crop_size", None)),
+            "mean": tuple(getattr(t, "mean", IMAGENET_MEAN)),
+            "std": tuple(getattr(t, "std", IMAGENET_STD)),
+            "interpolation": getattr(getattr(t, "interpolation", None), "value", "bilinear"),
+        }
+    return model, labels, pre, desc
+
+
+def _first(v: Any) -> Any:
+    if isinstance(v, (list, tuple)) and len(v) == 1:
+        return int(v[0])
+    return v
+
+
+def _hub_weights(weights: Any) -> dict[str, torch.Tensor]:
+    """torchvision weights from torch hub's cache, downloading only when the cache misses."""
+    filename = os.path.basename(weights.url)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if cached.is_file():
+        return load_state_dict(str(cached))
+    try:
+        return torch.hub.load_state_dict_from_url(
+            weights.url, map_location="cpu", progress=False, weights_only=True
+        )
+    except Exception as e:
+        raise ModelError(
+            f"weights {weights} are not in torch hub's cache ({cached}) and could not be downloaded "
+            f"({type(e).__name__})",
+            f"copy {filename} into {cached.parent} (or set TORCH_HOME), or point model.weights at a local "
+            "state-dict file",
+        ) from None
+
+
+def _factory(cfg: ModelConfig) -> tuple[nn.Module, str]:
+    assert cfg.factory
+    mod_name, sep, attr = cfg.factory.partition(":")
+    if not sep or not mod_name or not attr:
+        raise ConfigError(f"model.factory: {cfg.factory!r} must look like 'package.module:callable'")
+    try:
+        obj: Any = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ModelError(
+            f"model.factory: cannot import {mod_name!r}: {e}", f"pip install the package providing {mod_name}"
+        ) from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = [n for n in dir(obj) if not n.startswith("_")]
+            raise ConfigError(f"model.factory: {mod_name} has no attribute {attr!r}", suggest(part, names))
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"model.factory: {cfg.factory} is not callable")
+    try:
+        model = obj(**cfg.kwargs)
+    except TypeError as e:
+        raise ConfigError(f"model.kwargs: {cfg.factory} rejects {dict(cfg.kwargs)}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model.factory: {cfg.factory} returned {type(model).__name__}, not a torch.nn.Module")
+    return model, f"factory {cfg.factory}"
+
+
+def _timm(cfg: ModelConfig) -> tuple[nn.Module, dict[str, Any], str]:
+    try:
+        import timm
+        import timm.data
+    except ImportError:
+        raise ModelError("model.source 'timm' needs the timm package", "pip install timm") from None
+    assert cfg.name
+    if not timm.is_model(cfg.name):
+        raise ConfigError(f"model.name: unknown timm model {cfg.name!r}", suggest(cfg.name, timm.list_models()))
+    model = timm.create_model(cfg.name, pretrained=False, **cfg.kwargs)
+    dc = timm.data.resolve_data_config({}, model=model)
+    _, h, w = dc["input_size"]
+    crop_pct = float(dc.get("crop_pct") or 1.0)
+    pre = {
+        "resize": int(round(min(h, w) / crop_pct)),
+        "crop": (h, w),
+        "mean": tuple(dc["mean"]),
+        "std": tuple(dc["std"]),
+        "interpolation": dc.get("interpolation", "bilinear"),
+    }
+    return model, pre, f"timm {cfg.name}"
+
+
+def build_model(cfg: ModelConfig, preprocess: PreprocessConfig) -> LoadedModel:
+    """Build the model in eval mode on the CPU, with its labels and resolved preprocessing."""
+    labels: list[str] | None = None
+    pre: dict[str, Any] = {}
+    if cfg.source == "torchvision":
+        model, labels, pre, desc = _torchvision(cfg)
+    else:
+        if cfg.source == "factory":
+            model, desc = _factory(cfg)
+        else:
+            model, pre, desc = _timm(cfg)
+        if cfg.weights is not None and not _looks_like_path(cfg.weights):
+            raise ConfigError(
+                f"model.weights: {cfg.weights!r} is a torchvision weights name; for source {cfg.source!r} give "
+                "a checkpoint path (model.checkpoint)"
+            )
+        spec = cfg.checkpoint or cfg.weights
+        if spec:
+            apply_state_dict(model, load_state_dict(spec, cfg.checkpoint_key), spec)
+            desc += f" ({spec})"
+    if cfg.labels is not None:
+        labels = load_labels(cfg.labels)
+    model.eval()
+    return LoadedModel(model, labels, Preprocess.resolve(preprocess, pre), desc)

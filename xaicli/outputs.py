@@ -1,0 +1,168 @@
+"""Everything written under --out: atomic files (temporary name, then ``os.replace``), a thread
+pool that encodes and writes while the next batch computes, and scores.jsonl whose line for an
+image is appended only after all of that image's files exist."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCORES = "scores.jsonl"
+RUN = "run.json"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode())
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def dumps_line(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), default=_json_default, allow_nan=False)
+
+
+def encode_image(rgb: np.ndarray, fmt: str, quality: int = 90) -> bytes:
+    """uint8 (H, W, 3) RGB -> PNG or JPEG bytes."""
+    import cv2
+
+    bgr = np.ascontiguousarray(rgb[..., ::-1])
+    if fmt == "jpg":
+        ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    else:
+        ok, buf = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise OSError(f"cannot encode {fmt}")
+    return buf.tobytes()
+
+
+def encode_npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+class ScoresFile:
+    """Appends one JSON line per image; a line is written whole and flushed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = dumps_line(record) + "\n"
+        with self._lock:
+            self._f.write(line)
+            self._f.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._f.close()
+
+
+def read_scores(path: Path) -> list[dict[str, Any]]:
+    """Records of a scores.jsonl; a torn last line (killed mid-write) is dropped."""
+    if not path.is_file():
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def finalize_scores(path: Path) -> int:
+    """Rewrite scores.jsonl sorted by path (one line per path, the last wins): a deterministic file
+    whatever order the writer threads finished in. Returns the number of lines."""
+    records: dict[str, dict[str, Any]] = {}
+    for r in read_scores(path):
+        records[r["path"]] = r
+    lines = [dumps_line(records[k]) + "\n" for k in sorted(records)]
+    atomic_write(path, "".join(lines).encode())
+    return len(lines)
+
+
+FileJob = tuple[Path, Callable[[], bytes]]
+
+
+class Writer:
+    """Encodes and writes an image's files on worker threads, then appends its record.
+
+    At most ``max_pending`` images are in flight, so a slow disk slows the run rather than
+    filling memory. A failed write turns the record into an error; it never stops the run.
+    """
+
+    def __init__(self, scores: ScoresFile, threads: int = 4, max_pending: int = 64,
+                 on_done: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.scores = scores
+        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="xai-write")
+        self.slots = threading.BoundedSemaphore(max(1, max_pending))
+        self.on_done = on_done
+        self.futures: list[Future[None]] = []
+
+    def submit(self, record: dict[str, Any], jobs: list[FileJob]) -> None:
+        self.slots.acquire()
+        try:
+            fut = self.pool.submit(self._run, record, jobs)
+        except BaseException:
+            self.slots.release()
+            raise
+        self.futures.append(fut)
+        self.futures = [f for f in self.futures if not f.done()]
+
+    def _run(self, record: dict[str, Any], jobs: list[FileJob]) -> None:
+        try:
+            for path, produce in jobs:
+                atomic_write(path, produce())
+        except Exception as e:
+            record = {**record, "status": "error",
+                      "error": {"type": "write", "message": f"{type(e).__name__}: {e}"}}
+        finally:
+            self.slots.release()
+        self.scores.append(record)
+        if self.on_done is not None:
+            self.on_done(record)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        for f in self.futures:
+            f.result()

@@ -1,0 +1,135 @@
+"""Maps to pictures, on the device: channel reduction, normalisation, upsampling into each
+image's own frame, colormap lookup and blending. Only the finished uint8 overlay leaves the device.
+
+Colour convention (documented in README): unsigned maps go from 0 (low end of the colormap, blue
+for jet) to 1 (high end, red); signed maps are rendered with a diverging colormap centred on 0
+(blue negative, white zero, red positive) or as magnitude, as the method's ``render`` knob says.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SignedMode = Literal["diverging", "magnitude", "positive"]
+
+_CV2_MAPS = {
+    "jet": "COLORMAP_JET",
+    "turbo": "COLORMAP_TURBO",
+    "viridis": "COLORMAP_VIRIDIS",
+    "inferno": "COLORMAP_INFERNO",
+    "magma": "COLORMAP_MAGMA",
+    "plasma": "COLORMAP_PLASMA",
+    "hot": "COLORMAP_HOT",
+}
+
+
+@lru_cache(maxsize=None)
+def _lut_numpy(name: str) -> np.ndarray:
+    """(256, 3) uint8 RGB lookup table."""
+    ramp = np.arange(256, dtype=np.float64) / 255.0
+    if name in _CV2_MAPS:
+        import cv2
+
+        bgr = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], getattr(cv2, _CV2_MAPS[name]))
+        return np.ascontiguousarray(bgr[:, 0, ::-1])
+    if name == "gray":
+        v = np.round(ramp * 255)
+        return np.stack([v, v, v], 1).astype(np.uint8)
+    if name in ("bwr", "coolwarm"):
+        # Diverging: blue (0) -> white (0.5) -> red (1); coolwarm is the softer Moreland variant.
+        lo, hi = ((0.0, 0.0, 1.0), (1.0, 0.0, 0.0)) if name == "bwr" else ((0.23, 0.30, 0.75), (0.71, 0.02, 0.15))
+        t = np.clip(ramp * 2, 0, 1)[:, None]
+        u = np.clip(ramp * 2 - 1, 0, 1)[:, None]
+        lower = np.array(lo) * (1 - t) + np.ones(3) * t
+        upper = np.ones(3) * (1 - u) + np.array(hi) * u
+        rgb = np.where(ramp[:, None] <= 0.5, lower, upper)
+        return np.round(rgb * 255).astype(np.uint8)
+    raise ValueError(f"unknown colormap {name!r}")
+
+
+_LUTS: dict[tuple[str, str], Tensor] = {}
+
+
+def colormap(name: str, device: torch.device) -> Tensor:
+    key = (name, str(device))
+    if key not in _LUTS:
+        _LUTS[key] = torch.from_numpy(_lut_numpy(name)).to(device)
+    return _LUTS[key]
+
+
+def reduce_channels(m: Tensor, how: str = "max_abs") -> Tensor:
+    """(B, C, H, W) pixel maps -> (B, H, W); (B, H, W) passes through."""
+    if m.dim() == 3:
+        return m
+    if how == "max_abs":
+        return m.abs().amax(1)
+    if how == "sum":
+        return m.sum(1)
+    if how == "mean":
+        return m.mean(1)
+    if how == "l2":
+        return m.norm(dim=1)
+    raise ValueError(f"unknown channel reduction {how!r}")
+
+
+def normalize(m: Tensor, signed: SignedMode | None = None) -> Tensor:
+    """Per-image scaling of (B, H, W) maps: unsigned -> [0, 1] by min-max; ``diverging`` -> [-1, 1]
+    by the largest magnitude; ``magnitude`` -> |m| / max|m|; ``positive`` -> max(m, 0) / max.
+    A constant map becomes all zeros (nothing to show), never NaN."""
+    flat = m.flatten(1)
+    if signed is None:
+        lo = flat.amin(1)[:, None, None]
+        span = flat.amax(1)[:, None, None] - lo
+        return torch.where(span > 0, (m - lo) / span.clamp_min(1e-30), torch.zeros_like(m))
+    if signed == "positive":
+        m = m.clamp_min(0)
+    elif signed == "magnitude":
+        m = m.abs()
+    peak = m.flatten(1).abs().amax(1)[:, None, None]
+    return torch.where(peak > 0, m / peak.clamp_min(1e-30), torch.zeros_like(m))
+
+
+def to_input_size(m: Tensor, size: tuple[int, int]) -> Tensor:
+    """(B, h, w) -> (B, H, W) at the model input's size (bilinear), identity if already there."""
+    if tuple(m.shape[-2:]) == tuple(size):
+        return m
+    return F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def place(m: Tensor, height: int, width: int, window: tuple[float, float, float, float]) -> tuple[Tensor, Tensor | None]:
+    """One (h, w) map into the original (height, width) frame. The map covers ``window``
+    (top, left, h, w) of the original; outside it the map is 0 and the returned mask False
+    (mask None when the window is the whole image)."""
+    top, left, wh, ww = window
+    if top <= 0 and left <= 0 and wh >= height and ww >= width and abs(wh - height) < 1 and abs(ww - width) < 1:
+        return F.interpolate(m[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0], None
+    th, tw = max(1, round(wh)), max(1, round(ww))
+    up = F.interpolate(m[None, None], size=(th, tw), mode="bilinear", align_corners=False)[0, 0]
+    t, l = round(top), round(left)
+    out = torch.zeros(height, width, dtype=m.dtype, device=m.device)
+    mask = torch.zeros(height, width, dtype=torch.bool, device=m.device)
+    y0, x0 = max(t, 0), max(l, 0)
+    y1, x1 = min(t + th, height), min(l + tw, width)
+    if y1 > y0 and x1 > x0:
+        out[y0:y1, x0:x1] = up[y0 - t : y1 - t, x0 - l : x1 - l]
+        mask[y0:y1, x0:x1] = True
+    return out, mask
+
+
+def overlay(image: Tensor, heat: Tensor, lut: Tensor, alpha: float, signed: bool = False,
+            mask: Tensor | None = None) -> Tensor:
+    """Blend a colormapped map onto an image. image uint8 (3, H, W); heat (H, W) in [0, 1]
+    (or [-1, 1] when ``signed``); returns uint8 (H, W, 3). Outside ``mask`` the image is kept."""
+    v = (heat + 1) * 0.5 if signed else heat
+    idx = (v.clamp(0, 1) * 255).round().long()
+    colors = lut[idx].float()  # (H, W, 3)
+    img = image.permute(1, 2, 0).float()
+    a = torch.full_like(heat, alpha) if mask is None else mask.float() * alpha
+    out = img * (1 - a[..., None]) + colors * a[..., None]
+    return out.round_().clamp_(0, 255).to(torch.uint8)
