@@ -36,7 +36,17 @@ from .methods import MethodSpec, get_method
 from .methods.base import Batch, MethodOutput, Runner, is_oom
 from .metrics import MetricSpec, get_metric
 from .models import LoadedModel, build_model
-from .outputs import RUN, SCORES, ScoresFile, Writer, encode_image, encode_npy, finalize_scores, read_scores, write_json
+from .outputs import (
+    RUN,
+    SCORES,
+    ScoresFile,
+    Writer,
+    encode_image,
+    encode_npy,
+    finalize_scores,
+    read_scores,
+    write_json,
+)
 from .render import colormap, normalize, overlay, place, reduce_channels, to_input_size
 
 # --------------------------------------------------------------------------------------------
@@ -301,7 +311,21 @@ def setup(cfg: Config, device: torch.device | None = None) -> Setup:
         memory_format=memory_format,
         precision=cfg.runtime.precision,
     )
-    return Setup(cfg, device, loaded, model, layer, layer_shape, n_classes, target, methods, metrics, runner)
+    st = Setup(cfg, device, loaded, model, layer, layer_shape, n_classes, target, methods, metrics, runner)
+    _dry_run(st)
+    return st
+
+
+def _dry_run(st: Setup) -> None:
+    """Run the cheap methods once on a blank image, so a method that cannot work on this model
+    (CAM without a GAP + linear head, a non-spatial layer) fails before any output is written."""
+    channels = st.layer_shape[0] if st.layer_shape else None
+    cheap = [(s, p) for s, p in st.methods if s.cost(p, channels)[0] <= 4]
+    if not cheap:
+        return
+    h, w = st.loaded.preprocess.input_size
+    x = torch.zeros(1, 3, h, w, device=st.device)
+    Explainer(st.model, cheap, st.layer, TargetConfig(), st.runner)(x, torch.zeros(1, dtype=torch.long))
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,8 +472,8 @@ def run_explain(
             + (f" ({listed.ignored} other files ignored)" if listed.ignored else ""),
             "supported: " + ", ".join(sorted(e.lstrip(".") for e in ("jpg", "png", "bmp", "gif", "tif", "webp"))),
         )
-    _prepare_out(out, input_path, resume, overwrite)
     st = setup(cfg)
+    _prepare_out(out, input_path, resume, overwrite)
     load_s = time.perf_counter() - t0
 
     done = _done_images(out) if resume else {}

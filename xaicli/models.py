@@ -268,7 +268,7 @@ def _timm(cfg: ModelConfig) -> tuple[nn.Module, dict[str, Any], str]:
     _, h, w = dc["input_size"]
     crop_pct = float(dc.get("crop_pct") or 1.0)
     pre = {
-        "resize": int(round(min(h, w) / crop_pct)),
+        "resize": round(min(h, w) / crop_pct),
         "crop": (h, w),
         "mean": tuple(dc["mean"]),
         "std": tuple(dc["std"]),

@@ -80,7 +80,7 @@ class Preprocess:
         if self.crop is None:
             return 0.0, 0.0, float(height), float(width)
         ch, cw = self.crop
-        top, left = int(round((rh - ch) / 2.0)), int(round((rw - cw) / 2.0))
+        top, left = round((rh - ch) / 2.0), round((rw - cw) / 2.0)
         return top * sy, left * sx, ch * sy, cw * sx
 
     def __call__(self, image: Tensor) -> Tensor:

