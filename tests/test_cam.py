@@ -265,3 +265,11 @@ def test_densenet_in_place_relu_is_consistent():
     cam = explain_tensor(model, x, "cam", "features", target=1)
     grad = explain_tensor(model, x, "gradcam", "features", target=1)
     torch.testing.assert_close(grad * 4, cam, rtol=1e-3, atol=1e-5)  # features are 2x2 at 64x64
+
+
+def test_bf16_autocast_gives_the_fp32_map(gap_net, x):
+    fp32 = explain_tensor(gap_net, x, "gradcam", "features", target=1)
+    bf16 = explain_tensor(gap_net, x, "gradcam", "features", target=1, precision="bf16")
+    assert bf16.dtype == torch.float32  # maps are computed in fp32 from the captured tensors
+    corr = torch.corrcoef(torch.stack([fp32.flatten(), bf16.flatten()]))[0, 1]
+    assert corr > 0.99

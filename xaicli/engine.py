@@ -13,6 +13,7 @@ import os
 import platform
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -489,13 +490,15 @@ def run_explain(
 
     failures: list[dict[str, Any]] = []
     counts = {"ok": 0, "failed": 0}
+    count_lock = threading.Lock()
 
-    def on_done(rec: dict[str, Any]) -> None:
-        if rec["status"] == "ok":
-            counts["ok"] += 1
-        else:
-            counts["failed"] += 1
-            failures.append({"path": rec["path"], "error": rec["error"]})
+    def on_done(rec: dict[str, Any]) -> None:  # called from the writer threads
+        with count_lock:
+            if rec["status"] == "ok":
+                counts["ok"] += 1
+            else:
+                counts["failed"] += 1
+                failures.append({"path": rec["path"], "error": rec["error"]})
 
     scores = ScoresFile(out / SCORES)
     threads = max(2, min(8, (os.cpu_count() or 2)))
@@ -630,7 +633,7 @@ def _explain_and_write(
     ranks = (probs[:, None, :] > tgt_p[:, :, None]).sum(2) + 1  # (B, K)
     host = {k: v.cpu() for k, v in {"top_p": top_p, "top_i": top_i, "tgt": tgt, "tgt_p": tgt_p, "ranks": ranks}.items()}
 
-    images = batch["images"][sl]
+    images = [im.to(device, non_blocking=True) for im in batch["images"][sl]]
     b = len(rels)
     # Per method and target rank: stats, normalised map, metrics.
     per_entry: list[list[dict[str, Any]]] = [[] for _ in range(b)]
@@ -654,7 +657,7 @@ def _explain_and_write(
             suffix = f".{spec.name}" + (f".top{j + 1}" if st.target.mode == "topk" else "")
             peaks = []
             for i in range(b):
-                img = images[i].to(device, non_blocking=True)
+                img = images[i]
                 hgt, wid = int(img.shape[1]), int(img.shape[2])
                 window = pre.window(hgt, wid)
                 placed, mask = place(norm[i], hgt, wid, window)
