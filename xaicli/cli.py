@@ -284,6 +284,54 @@ def layers(
         console.print(f"target layer: [bold]{chosen}[/] (automatic choice: {auto})", highlight=False)
 
 
+@app.command()
+def sanity(
+    images: Annotated[Path, typer.Argument(help="Folder of images (walked recursively) or one image file.")],
+    config: ConfigOpt = None,
+    method: Annotated[str | None, typer.Option("--method", "-m", help="Method(s) to test; default: the config's.")] = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", help="Group the blocks into N steps (default: one step per block).")
+    ] = None,
+    max_images: Annotated[int, typer.Option("--max-images", help="Use the first N images (sorted).")] = 32,
+    max_spearman: Annotated[
+        float, typer.Option("--max-spearman", help="FAIL a method whose Spearman |map| at full randomization is above.")
+    ] = 0.5,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the re-initialisation (default runtime.seed).")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or mps.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Images per batch.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write sanity.json into this folder.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report instead of the table.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Model-parameter randomization test (Adebayo et al. 2018): re-initialise the layers from the
+    logits down, recompute the maps, report Spearman and SSIM against the original maps.
+
+    Exit codes: 0 every method's maps change, 1 some method FAILS, 2 usage error, 3 runtime error.
+    """
+    with user_errors():
+        import dataclasses
+        import json
+
+        from .config import apply_overrides, load_config
+        from .metrics.sanity import run_sanity, table, verdict_lines
+        from .outputs import write_json
+
+        cfg = apply_overrides(load_config(config), method=method, device=device, batch_size=batch_size)
+        if seed is not None:
+            cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, seed=seed))
+        res = run_sanity(cfg, images, steps=steps, max_images=max_images, max_spearman=max_spearman,
+                         progress=RichProgress(quiet or as_json))
+        if out is not None:
+            write_json(out / "sanity.json", res.report)
+        if as_json:
+            console.print_json(json.dumps(res.report))
+        else:
+            console.print(table(res.report))
+            for line in verdict_lines(res.report):
+                console.print(line, highlight=False, soft_wrap=True)
+        raise typer.Exit(1 if res.failed_methods else 0)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
