@@ -332,6 +332,41 @@ def sanity(
         raise typer.Exit(1 if res.failed_methods else 0)
 
 
+@app.command()
+def check(
+    expect: Annotated[Path, typer.Option("--expect", "-e", help="Expectations YAML (rules).")],
+    images: Annotated[Path | None, typer.Argument(help="Images to explain (not needed with --run).")] = None,
+    config: ConfigOpt = None,
+    run: Annotated[Path | None, typer.Option("--run", help="Check this existing run folder instead of explaining.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Keep the run (and check.json) here.")] = None,
+    junit: Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML: one test case per rule.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier run in --out.")] = False,
+    device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or mps.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Images per batch.")] = None,
+    metrics: Annotated[str | None, typer.Option("--metrics", help="Metrics to compute, comma-separated.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Check a run against expectations (for CI): a table of rules with pass/fail and the measured value.
+
+    Exit codes: 0 every rule passes, 1 a rule fails, 2 usage error (bad expectations file), 3 runtime error.
+    """
+    with user_errors():
+        from .check import junit_xml, run_check, table
+        from .config import apply_overrides, load_config
+        from .outputs import atomic_write
+
+        cfg = apply_overrides(load_config(config), device=device, batch_size=batch_size, metrics=metrics)
+        res = run_check(expect, cfg=cfg, images=images, out=out, run_dir=run, overwrite=overwrite,
+                        progress=RichProgress(quiet), sanity_progress=lambda: RichProgress(quiet), argv=sys.argv)
+        if junit is not None:
+            atomic_write(junit, junit_xml(res.outcomes, time_s=res.seconds))
+        console.print(table(res.outcomes, title=f"xai check: {expect.name}"))
+        n_fail = sum(1 for o in res.outcomes if not o.passed)
+        console.print(f"[bold {'red' if n_fail else 'green'}]{len(res.outcomes) - n_fail} of {len(res.outcomes)} "
+                      "rules passed[/]", highlight=False)
+        raise typer.Exit(1 if n_fail else 0)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
