@@ -291,6 +291,89 @@ def layers(
         console.print(f"target layer: [bold]{chosen}[/] (automatic choice: {auto})", highlight=False)
 
 
+@app.command()
+def sanity(
+    images: Annotated[Path, typer.Argument(help="Folder of images (walked recursively) or one image file.")],
+    config: ConfigOpt = None,
+    method: Annotated[str | None, typer.Option("--method", "-m", help="Method(s) to test; default: the config's.")] = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", help="Group the blocks into N steps (default: one step per block).")
+    ] = None,
+    max_images: Annotated[int, typer.Option("--max-images", help="Use the first N images (sorted).")] = 32,
+    max_spearman: Annotated[
+        float, typer.Option("--max-spearman", help="FAIL a method whose Spearman |map| at full randomization is above.")
+    ] = 0.5,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the re-initialisation (default runtime.seed).")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or mps.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Images per batch.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write sanity.json into this folder.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report instead of the table.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Model-parameter randomization test (Adebayo et al. 2018): re-initialise the layers from the
+    logits down, recompute the maps, report Spearman and SSIM against the original maps.
+
+    Exit codes: 0 every method's maps change, 1 some method FAILS, 2 usage error, 3 runtime error.
+    """
+    with user_errors():
+        import dataclasses
+        import json
+
+        from .config import apply_overrides, load_config
+        from .metrics.sanity import run_sanity, table, verdict_lines
+        from .outputs import write_json
+
+        cfg = apply_overrides(load_config(config), method=method, device=device, batch_size=batch_size)
+        if seed is not None:
+            cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, seed=seed))
+        res = run_sanity(cfg, images, steps=steps, max_images=max_images, max_spearman=max_spearman,
+                         progress=RichProgress(quiet or as_json))
+        if out is not None:
+            write_json(out / "sanity.json", res.report)
+        if as_json:
+            console.print_json(json.dumps(res.report))
+        else:
+            console.print(table(res.report))
+            for line in verdict_lines(res.report):
+                console.print(line, highlight=False, soft_wrap=True)
+        raise typer.Exit(1 if res.failed_methods else 0)
+
+
+@app.command()
+def check(
+    expect: Annotated[Path, typer.Option("--expect", "-e", help="Expectations YAML (rules).")],
+    images: Annotated[Path | None, typer.Argument(help="Images to explain (not needed with --run).")] = None,
+    config: ConfigOpt = None,
+    run: Annotated[Path | None, typer.Option("--run", help="Check this existing run folder instead of explaining.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Keep the run (and check.json) here.")] = None,
+    junit: Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML: one test case per rule.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier run in --out.")] = False,
+    device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or mps.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Images per batch.")] = None,
+    metrics: Annotated[str | None, typer.Option("--metrics", help="Metrics to compute, comma-separated.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Check a run against expectations (for CI): a table of rules with pass/fail and the measured value.
+
+    Exit codes: 0 every rule passes, 1 a rule fails, 2 usage error (bad expectations file), 3 runtime error.
+    """
+    with user_errors():
+        from .check import junit_xml, run_check, table
+        from .config import apply_overrides, load_config
+        from .outputs import atomic_write
+
+        cfg = apply_overrides(load_config(config), device=device, batch_size=batch_size, metrics=metrics)
+        res = run_check(expect, cfg=cfg, images=images, out=out, run_dir=run, overwrite=overwrite,
+                        progress=RichProgress(quiet), sanity_progress=lambda: RichProgress(quiet), argv=sys.argv)
+        if junit is not None:
+            atomic_write(junit, junit_xml(res.outcomes, time_s=res.seconds))
+        console.print(table(res.outcomes, title=f"xai check: {expect.name}"))
+        n_fail = sum(1 for o in res.outcomes if not o.passed)
+        console.print(f"[bold {'red' if n_fail else 'green'}]{len(res.outcomes) - n_fail} of {len(res.outcomes)} "
+                      "rules passed[/]", highlight=False)
+        raise typer.Exit(1 if n_fail else 0)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

@@ -1,0 +1,515 @@
+"""The cascading model-parameter randomisation test (Adebayo et al., "Sanity Checks for Saliency
+Maps", NeurIPS 2018, arXiv 1810.03292).
+
+The maps of the trained model are compared with the maps of copies whose parameters are
+re-initialised from the top (the logits) down, one more block at each step (cumulative). A
+method whose maps barely change when the weights are random is not explaining the model.
+
+* **Blocks.** The model's parameterised units in reverse execution order (the logits layer
+  first). A unit is a top-level child of the model; plain containers (``nn.Sequential``,
+  ``nn.ModuleList``, ``nn.ModuleDict``) are opened into their children, recursively, so a ResNet
+  gives ``fc, layer4.2, layer4.1, ..., bn1, conv1`` and EfficientNet ``_fc, _bn1, _conv_head,
+  _blocks.15, ..., _conv_stem``. A model that is a single unit is split into its parameterised
+  leaf modules. Units that did not run in a dummy forward are left alone (they cannot change a
+  map). ``steps=N`` merges the units into N consecutive groups (``steps=1``: one step to full
+  randomisation, the cheapest test).
+* **Re-initialisation.** On a deep copy of the model, never the model passed in. Every module
+  with parameters of its own calls its ``reset_parameters()`` (PyTorch's default init; batch
+  norm also resets its running statistics); parameters of modules without one are drawn from
+  N(0, sigma^2) with sigma the parameter's own standard deviation (0.02 for a constant one).
+  Seeded per block (run seed and block name, so full randomisation does not depend on ``steps``),
+  under a forked RNG: the global random state is not touched.
+* **Targets.** Every step explains the class the original model explained (its prediction by
+  default), as in the paper; the shared forward is re-run on the copy.
+* **Similarity** (per image, maps brought to the model input's size, bilinear):
+  ``spearman_abs`` - Spearman rank correlation of |map| (ties get average ranks);
+  ``spearman`` - the same without the absolute value; ``ssim`` - mean SSIM (Wang et al. 2004:
+  11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, data range 1, the border of 5 pixels
+  where the window does not fit left out, as scikit-image's ``structural_similarity(...,
+  gaussian_weights=True, use_sample_covariance=False)``) of |map| scaled by its maximum.
+  A constant map has no ranking: its correlation with a non-constant map is 0, with another
+  constant map 1.
+* **Verdict.** A method FAILS when its mean ``spearman_abs`` at full randomisation (the last
+  step) is above ``max_spearman`` (default 0.5).
+
+Step 0 recomputes the maps on the (not yet randomised) copy: it is 1 for every deterministic
+method and shows the copy is exact.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..capture import eval_mode
+from ..config import Config, TargetConfig
+from ..engine import Explainer, LogitsOnly
+from ..errors import ConfigError, InputError, MethodError
+from ..layers import LayerRef
+from ..methods import MethodSpec
+from ..methods.base import Runner, chunks
+from ..render import to_input_size
+
+MEASURES = ("spearman_abs", "spearman", "ssim")
+DEFAULT_MAX_SPEARMAN = 0.5
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+# --------------------------------------------------------------------------------------------
+# Similarities (batched, on the device)
+
+
+def average_ranks(v: Tensor) -> Tensor:
+    """Ranks 1..N of each row of ``v`` (B, N); tied values share the mean of their ranks."""
+    b, n = v.shape
+    order = v.argsort(dim=1, stable=True)
+    s = v.gather(1, order)
+    new_group = torch.ones_like(s, dtype=torch.bool)
+    new_group[:, 1:] = s[:, 1:] != s[:, :-1]
+    group = new_group.long().cumsum(1) - 1 + torch.arange(b, device=v.device)[:, None] * n  # unique per row
+    pos = torch.arange(n, device=v.device, dtype=torch.float64).expand(b, n).flatten()
+    g = group.flatten()
+    first = torch.full((b * n,), float("inf"), dtype=torch.float64, device=v.device).scatter_reduce(
+        0, g, pos, "amin")
+    last = torch.full((b * n,), -1.0, dtype=torch.float64, device=v.device).scatter_reduce(0, g, pos, "amax")
+    rank_sorted = ((first[g] + last[g]) / 2 + 1).view(b, n)
+    return torch.empty_like(rank_sorted).scatter_(1, order, rank_sorted)
+
+
+def spearman(a: Tensor, b: Tensor) -> Tensor:
+    """Spearman rank correlation per row of (B, ...) tensors -> (B,) float32. A constant row
+    correlates 0 with a non-constant one and 1 with another constant one."""
+    ra = average_ranks(a.flatten(1).double())
+    rb = average_ranks(b.flatten(1).double())
+    ra = ra - ra.mean(1, keepdim=True)
+    rb = rb - rb.mean(1, keepdim=True)
+    va, vb = (ra * ra).sum(1), (rb * rb).sum(1)
+    r = (ra * rb).sum(1) / (va * vb).clamp_min(1e-300).sqrt()
+    const_a, const_b = va <= 0, vb <= 0
+    r = torch.where(const_a | const_b, (const_a & const_b).double(), r)
+    return r.clamp(-1, 1).float()
+
+
+def _gaussian_window(sigma: float, device: torch.device) -> Tensor:
+    radius = int(3.5 * sigma + 0.5)  # scipy.ndimage's truncate=3.5, as scikit-image uses
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)
+    w = torch.exp(-0.5 * (x / sigma) ** 2)
+    return w / w.sum()
+
+
+def ssim(a: Tensor, b: Tensor, sigma: float = 1.5, data_range: float = 1.0) -> Tensor:
+    """Mean structural similarity per image of (B, H, W) maps -> (B,) float32.
+
+    Gaussian-weighted local statistics (population covariance) over the positions where the
+    whole window fits, as ``skimage.metrics.structural_similarity(gaussian_weights=True,
+    sigma=1.5, use_sample_covariance=False, data_range=1)`` averages them."""
+    w = _gaussian_window(sigma, a.device)
+    k = w.numel()
+    if a.shape[-1] < k or a.shape[-2] < k:
+        raise MethodError(f"ssim needs maps of at least {k}x{k} pixels, got {tuple(a.shape[-2:])}")
+    x = torch.stack([a, b, a * a, b * b, a * b], 1).double()  # (B, 5, H, W)
+    c = x.shape[1]
+    x = F.conv2d(x, w.view(1, 1, 1, k).expand(c, 1, 1, k), groups=c)
+    x = F.conv2d(x, w.view(1, 1, k, 1).expand(c, 1, k, 1), groups=c)
+    ux, uy, uxx, uyy, uxy = x.unbind(1)
+    vx, vy, vxy = uxx - ux * ux, uyy - uy * uy, uxy - ux * uy
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    return s.flatten(1).mean(1).float()
+
+
+def _unit_scale(m: Tensor) -> Tensor:
+    peak = m.flatten(1).amax(1)[:, None, None]
+    return torch.where(peak > 0, m / peak.clamp_min(1e-30), torch.zeros_like(m))
+
+
+def compare(original: Tensor, randomized: Tensor, size: tuple[int, int]) -> dict[str, Tensor]:
+    """The three similarities of (B, h, w) raw maps at the model input's ``size`` -> name -> (B,)."""
+    o = to_input_size(original.float(), size)
+    r = to_input_size(randomized.float(), size)
+    return {
+        "spearman_abs": spearman(o.abs(), r.abs()),
+        "spearman": spearman(o, r),
+        "ssim": ssim(_unit_scale(o.abs()), _unit_scale(r.abs())),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Blocks and re-initialisation
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    return model.inner if isinstance(model, LogitsOnly) else model
+
+
+def _has_params(m: nn.Module) -> bool:
+    return any(True for _ in m.parameters())
+
+
+def _units(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    out: list[tuple[str, nn.Module]] = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}{name}"
+            if isinstance(child, _CONTAINERS):
+                visit(full + ".", child)
+            elif _has_params(child):
+                out.append((full, child))
+
+    visit("", root)
+    return out
+
+
+def randomization_blocks(model: nn.Module, input_size: tuple[int, int], device: torch.device | str) -> list[str]:
+    """Names (relative to the model, or its inner model when wrapped) of the parameterised
+    blocks in reverse execution order: the logits layer first."""
+    root = _inner(model)
+    units = _units(root)
+    if len(units) < 2:
+        units = [(n, m) for n, m in root.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
+    first_call: dict[str, int] = {}
+    counter = [0]
+    handles = []
+    for name, mod in units:
+        def hook(m: nn.Module, args: Any, out: Any, _n: str = name) -> None:
+            if _n not in first_call:
+                first_call[_n] = counter[0]
+                counter[0] += 1
+        handles.append(mod.register_forward_hook(hook))
+    try:
+        with torch.inference_mode(), eval_mode(model):
+            model(torch.zeros(1, 3, *input_size, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    ran = [n for n, _ in units if n in first_call]
+    if not ran:
+        raise MethodError(f"{type(root).__name__} has no parameterised module that runs: nothing to randomise")
+    return sorted(ran, key=lambda n: -first_call[n])
+
+
+def group_blocks(blocks: Sequence[str], steps: int | None) -> list[tuple[str, ...]]:
+    """One group per block, or ``steps`` consecutive groups of as equal a size as possible."""
+    if steps is None or steps >= len(blocks):
+        return [(b,) for b in blocks]
+    if steps < 1:
+        raise ConfigError(f"--steps: must be >= 1, got {steps}")
+    n = len(blocks)
+    bounds = [round(i * n / steps) for i in range(steps + 1)]
+    return [tuple(blocks[bounds[i]:bounds[i + 1]]) for i in range(steps)]
+
+
+def block_seed(seed: int, block: str) -> int:
+    """The seed of one block's re-initialisation: from the run seed and the block's name, so the
+    fully randomised model is the same whatever the grouping into steps."""
+    h = hashlib.blake2b(f"{seed}:{block}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 62) - 1)
+
+
+def randomize_(module: nn.Module, seed: int) -> None:
+    """Re-initialise every parameter under ``module`` in place, reproducibly (see the module doc)."""
+    params = list(module.parameters())
+    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(seed)
+        for m in module.modules():
+            own = list(m.parameters(recurse=False))
+            if not own:
+                continue
+            reset = getattr(m, "reset_parameters", None)
+            if callable(reset):
+                reset()
+                continue
+            for p in own:
+                std = float(p.float().std()) if p.numel() > 1 else 0.0
+                p.normal_(0.0, std if math.isfinite(std) and std > 0 else 0.02)
+
+
+# --------------------------------------------------------------------------------------------
+# The cascade on tensors
+
+
+@dataclass
+class CascadeResult:
+    """Per step and method, the per-image similarities with the original maps."""
+
+    steps: list[tuple[str, ...]]  # steps[k]: blocks randomised at step k (cumulative); steps[0] = ()
+    methods: list[str]
+    targets: Tensor  # (N,) class explained, on the CPU
+    scores: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # method -> measure -> (S+1, N)
+
+    def mean(self, method: str, measure: str, step: int = -1) -> float:
+        return float(self.scores[method][measure][step].mean())
+
+
+def _resolve_methods(methods: Sequence[Any]) -> list[tuple[MethodSpec, Any]]:
+    from ..config import build_dataclass
+    from ..methods import get_method
+
+    out = []
+    for m in methods:
+        if isinstance(m, tuple):
+            out.append(m)
+        elif isinstance(m, MethodSpec):
+            out.append((m, m.params()))
+        else:
+            spec = get_method(str(m))
+            out.append((spec, build_dataclass(spec.params, {}, f"methods.{spec.name}")))
+    return out
+
+
+def _layer_in(model: nn.Module, clone: nn.Module, layer: LayerRef | None) -> LayerRef | None:
+    """The layer of ``clone`` at the place ``layer`` has in ``model``."""
+    if layer is None:
+        return None
+    name = next((n for n, m in model.named_modules() if m is layer.module), None)
+    if name is None:
+        raise MethodError(f"target layer {layer.spec!r} is not a module of the model")
+    return LayerRef(layer.name, dict(clone.named_modules())[name], layer.use_input)
+
+
+def cascade(
+    model: nn.Module,
+    x: Tensor,
+    methods: Sequence[Any],
+    layer: LayerRef | str | None = None,
+    *,
+    targets: Tensor | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    runner: Runner | None = None,
+    seeds: Tensor | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> CascadeResult:
+    """Run the cascading randomisation test on the images ``x`` (N, 3, H, W), any device.
+
+    ``methods``: names, MethodSpecs (default knobs) or (spec, params) pairs. ``layer``: the
+    target layer (a LayerRef or a dotted name) for methods that need one. ``targets`` (N,): classes to explain (default: the
+    original model's prediction). ``runner``: chunking and precision (default: fp32, chunks of
+    16). ``model`` is left exactly as it was; the randomised model is a deep copy.
+    """
+    from ..layers import resolve_layer
+
+    pairs = _resolve_methods(methods)
+    device = next((p.device for p in model.parameters()), x.device)
+    runner = runner or Runner(model=model, budget=16)
+    if isinstance(layer, str):
+        layer = resolve_layer(_inner(model), layer)
+    n = x.shape[0]
+    size = (int(x.shape[-2]), int(x.shape[-1]))
+    seeds = seeds if seeds is not None else torch.arange(n, dtype=torch.long) + seed
+    fixed = targets.to(device) if targets is not None else None
+
+    def maps_of(net: nn.Module, ref: LayerRef | None, run: Runner, sl: slice, want: Tensor | None
+                ) -> tuple[Tensor, list[Tensor]]:
+        exp = FixedTargetExplainer(net, pairs, ref, run, want)
+        res = exp(x[sl].to(device, non_blocking=True), seeds[sl])
+        return res.targets[:, 0], [m.maps[0] for m in res.methods]
+
+    with eval_mode(model):
+        originals: list[list[Tensor]] = [[] for _ in pairs]
+        got: list[Tensor] = []
+        for sl in chunks(n, runner.budget):
+            t, maps = maps_of(model, layer, runner, sl, None if fixed is None else fixed[sl])
+            got.append(t)
+            for i, m in enumerate(maps):
+                originals[i].append(m)
+            if progress:
+                progress(sl.stop - sl.start)
+        fixed = torch.cat(got)
+        clone = copy.deepcopy(model)
+    clone.eval()
+    clone_layer = _layer_in(model, clone, layer)
+    clone_runner = Runner(model=clone, budget=runner.budget, autocast=runner.autocast,
+                          memory_format=runner.memory_format, precision=runner.precision)
+    blocks = randomization_blocks(clone, size, device)
+    groups = group_blocks(blocks, steps)
+    modules = dict(_inner(clone).named_modules())
+    plan: list[tuple[str, ...]] = [(), *groups]
+    names = [s.name for s, _ in pairs]
+    scores: dict[str, dict[str, list[Tensor]]] = {m: {k: [] for k in MEASURES} for m in names}
+    for group in plan:
+        for b in group:
+            randomize_(modules[b], block_seed(seed, b))
+        per: dict[str, dict[str, list[Tensor]]] = {m: {q: [] for q in MEASURES} for m in names}
+        for ci, sl in enumerate(chunks(n, runner.budget)):
+            _, maps = maps_of(clone, clone_layer, clone_runner, sl, fixed[sl])
+            for i, m in enumerate(maps):
+                for q, v in compare(originals[i][ci], m, size).items():
+                    per[names[i]][q].append(v)
+            if progress:
+                progress(sl.stop - sl.start)
+        for m in names:
+            for q in MEASURES:
+                scores[m][q].append(torch.cat(per[m][q]))
+    out = {m: {q: torch.stack(v).cpu() for q, v in by.items()} for m, by in scores.items()}
+    return CascadeResult(steps=plan, methods=names, targets=fixed.cpu(), scores=out)
+
+
+class FixedTargetExplainer(Explainer):
+    """The engine's Explainer explaining given classes, one per image (None: its prediction)."""
+
+    def __init__(self, model: nn.Module, methods: list[tuple[MethodSpec, Any]], layer: LayerRef | None,
+                 runner: Runner, targets: Tensor | None) -> None:
+        super().__init__(model, methods, layer, TargetConfig(), runner)
+        self.fixed = targets
+
+    def targets_for(self, logits: Tensor) -> Tensor:
+        if self.fixed is None:
+            return super().targets_for(logits)
+        return self.fixed[:, None]
+
+
+# --------------------------------------------------------------------------------------------
+# The folder run behind `xai sanity`
+
+
+def verdicts(result: CascadeResult, max_spearman: float) -> dict[str, bool]:
+    """method -> passed: mean Spearman of |map| at full randomisation at most ``max_spearman``."""
+    return {m: result.mean(m, "spearman_abs") <= max_spearman for m in result.methods}
+
+
+def _stats(v: Tensor) -> dict[str, float]:
+    return {"mean": float(v.mean()), "std": float(v.std()) if v.numel() > 1 else 0.0}
+
+
+def report(result: CascadeResult, max_spearman: float, paths: list[str] | None = None,
+           labels: Callable[[int], str] | None = None) -> dict[str, Any]:
+    """The JSON-ready summary: steps, per method per step mean/std of each measure, per-image
+    values, the values at full randomisation and the verdict."""
+    passed = verdicts(result, max_spearman)
+    methods: dict[str, Any] = {}
+    for m in result.methods:
+        sc = result.scores[m]
+        methods[m] = {
+            "steps": [{q: _stats(sc[q][k]) for q in MEASURES} for k in range(len(result.steps))],
+            "per_image": {q: [[round(float(v), 6) for v in row] for row in sc[q]] for q in MEASURES},
+            "full_randomization": {q: float(sc[q][-1].mean()) for q in MEASURES},
+            "verdict": "pass" if passed[m] else "fail",
+        }
+    targets = [int(t) for t in result.targets]
+    return {
+        "test": "cascading model-parameter randomization (Adebayo et al. 2018)",
+        "steps": [{"step": k, "randomized": list(g), "cumulative": [b for s in result.steps[: k + 1] for b in s]}
+                  for k, g in enumerate(result.steps)],
+        "images": paths,
+        "targets": [{"index": t, "label": labels(t) if labels else None} for t in targets],
+        "max_spearman": max_spearman,
+        "methods": methods,
+        "failed_methods": [m for m in result.methods if not passed[m]],
+    }
+
+
+def table(rep: dict[str, Any]) -> Any:
+    """A rich table of a :func:`report`: per method, one row per step with the mean similarities."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    n = len(rep.get("images") or rep["targets"])
+    t = Table(title=f"sanity: cascading randomization on {n} images (mean over images; 1 = unchanged)")
+    t.add_column("method")
+    t.add_column("step", justify="right")
+    t.add_column("randomized (cumulative, from the top)", overflow="fold")
+    for q in ("rho |map|", "rho", "SSIM"):
+        t.add_column(q, justify="right")
+    last = len(rep["steps"]) - 1
+    for m, r in rep["methods"].items():
+        for k, step in enumerate(rep["steps"]):
+            label = "none (the copy)" if k == 0 else "+ " + ", ".join(step["randomized"])
+            if len(label) > 60:
+                label = label[:57] + "..."
+            cells = [f"{r['steps'][k][q]['mean']:.3f}" for q in MEASURES]
+            if k == last:
+                cells = [f"[bold {'green' if r['verdict'] == 'pass' else 'red'}]{c}[/]" for c in cells]
+            t.add_row(m if k == 0 else "", str(k), escape(label), *cells, end_section=k == last)
+    return t
+
+
+def verdict_lines(rep: dict[str, Any]) -> list[str]:
+    """One plain line per method: PASS / FAIL with the value at full randomisation."""
+    out = []
+    bound = rep["max_spearman"]
+    for m, r in rep["methods"].items():
+        v = r["full_randomization"]["spearman_abs"]
+        if r["verdict"] == "pass":
+            out.append(f"[bold green]PASS[/] {m}: maps change when the weights are random "
+                       f"(Spearman |map| at full randomization {v:.3f} <= {bound})")
+        else:
+            out.append(f"[bold red]FAIL[/] {m}: maps barely change when the weights are random "
+                       f"(Spearman |map| at full randomization {v:.3f} > {bound}): it does not explain the model")
+    return out
+
+
+@dataclass
+class SanityRun:
+    result: CascadeResult
+    report: dict[str, Any]
+    failed_methods: list[str]
+
+
+def run_sanity(
+    cfg: Config,
+    input_path: Path,
+    *,
+    steps: int | None = None,
+    max_images: int | None = 32,
+    select: Callable[[str], bool] | None = None,
+    max_spearman: float = DEFAULT_MAX_SPEARMAN,
+    progress: Any = None,
+) -> SanityRun:
+    """The test on the images under ``input_path`` (the first ``max_images`` in sorted order that
+    ``select`` keeps), for the config's methods, seeded by ``runtime.seed``."""
+    from ..data import ImageFolder, list_images
+    from ..engine import image_seed, setup
+
+    if max_images is not None and max_images < 1:
+        raise ConfigError(f"--max-images: must be >= 1, got {max_images}")
+    entries = [e for e in list_images(input_path).entries if select is None or select(e.rel)]
+    if max_images is not None:
+        entries = entries[:max_images]
+    if not entries:
+        raise InputError(f"no images in {input_path}" + (" match the selection" if select else ""))
+    st = setup(cfg)
+    data = ImageFolder(entries, st.loaded.preprocess)
+    items = [data[i] for i in range(len(data))]
+    ok = [it for it in items if it["ok"]]
+    failed = [{"path": it["rel"], "error": it["error"]} for it in items if not it["ok"]]
+    if not ok:
+        raise InputError(f"none of the {len(items)} images under {input_path} could be read",
+                         f"first error: {failed[0]['error']['message']}")
+    x = torch.stack([it["x"] for it in ok])
+    paths = [it["rel"] for it in ok]
+    seeds = torch.tensor([image_seed(p, cfg.runtime.seed) for p in paths], dtype=torch.long)
+    targets = None
+    if st.target.mode == "index":
+        assert st.target.index is not None
+        targets = torch.full((len(ok),), st.target.index, dtype=torch.long)
+    n_steps = len(group_blocks(randomization_blocks(st.model, st.loaded.preprocess.input_size, st.device), steps))
+    if progress is not None:
+        progress.start(len(ok) * (n_steps + 2), f"sanity: {'+'.join(cfg.method)}, {n_steps} steps, {len(ok)} images")
+    try:
+        res = cascade(st.model, x, st.methods, st.layer, targets=targets, steps=steps, seed=cfg.runtime.seed,
+                      runner=st.runner, seeds=seeds, progress=progress.advance if progress is not None else None)
+    finally:
+        if progress is not None:
+            progress.finish()
+    rep = report(res, max_spearman, paths, st.loaded.label)
+    rep.update({
+        "model": st.loaded.description,
+        "layer": st.layer.spec if st.layer else None,
+        "input": str(input_path),
+        "seed": cfg.runtime.seed,
+        "resolution": list(st.loaded.preprocess.input_size),
+        "failed_images": failed,
+    })
+    return SanityRun(res, rep, rep["failed_methods"])
