@@ -11,7 +11,7 @@ from .config import TargetConfig, build_dataclass, parse_target
 from .engine import Explainer, autocast_factory
 from .layers import auto_layer, resolve_layer
 from .methods import get_method
-from .methods.base import Runner
+from .methods.base import PixelSpace, Runner
 
 
 def explain_tensor(
@@ -24,11 +24,15 @@ def explain_tensor(
     batch_size: int = 64,
     precision: str = "fp32",
     seeds: Tensor | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
 ) -> Tensor:
     """Raw maps (B, h, w) of one method for a batch already on the model's device.
 
     ``target``: None (the predicted class), a class index, or a TargetConfig. For top-k targets
     use :class:`xaicli.engine.Explainer` directly (it returns one map per rank).
+    ``mean`` / ``std``: the normalisation ``x`` went through (default: ``x`` is pixels in [0, 1]);
+    baselines and noise ranges of the gradient methods (a black image, uniform noise) use it.
     """
     spec = get_method(method)
     p = build_dataclass(spec.params, params or {}, f"methods.{spec.name}")
@@ -38,7 +42,8 @@ def explain_tensor(
         ref = resolve_layer(model, layer) if layer else auto_layer(model, tuple(x.shape[-2:]), x.device)
     runner = Runner(model=model, budget=batch_size, autocast=autocast_factory(x.device, precision), precision=precision)
     with eval_mode(model):
-        res = Explainer(model, [(spec, p)], ref, tgt, runner)(x, seeds)
+        pixels = PixelSpace(tuple(mean or (0.0, 0.0, 0.0)), tuple(std or (1.0, 1.0, 1.0)))
+        res = Explainer(model, [(spec, p)], ref, tgt, runner, pixels=pixels)(x, seeds)
     return res.methods[0].maps[0]
 
 

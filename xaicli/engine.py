@@ -34,7 +34,7 @@ from .data import ImageEntry, ImageFolder, collate, list_images, worker_init
 from .errors import EXIT_OK, EXIT_PARTIAL, ConfigError, InputError, MethodError, OutputError, suggest
 from .layers import LayerRef, auto_layer, resolve_layer
 from .methods import MethodSpec, get_method
-from .methods.base import Batch, MethodOutput, Runner, is_oom
+from .methods.base import Batch, MethodOutput, PixelSpace, Runner, is_oom
 from .metrics import MetricSpec, get_metric
 from .models import LoadedModel, build_model
 from .outputs import (
@@ -138,8 +138,10 @@ class Explainer:
         target: TargetConfig,
         runner: Runner,
         keep_batches: bool = False,
+        pixels: PixelSpace | None = None,
     ) -> None:
         self.model = model
+        self.pixels = pixels or PixelSpace()
         self.methods = methods
         self.layer = layer
         self.target = target
@@ -204,7 +206,7 @@ class Explainer:
                     input_grad = torch.zeros_like(x, dtype=torch.float32) if g is None else g.detach().float()
             batch = Batch(
                 x=x.detach(), targets=t, logits=logits, runner=runner, layer=self.layer,
-                activations=acts, gradients=grads, input_grad=input_grad, seeds=seeds,
+                activations=acts, gradients=grads, input_grad=input_grad, seeds=seeds, pixels=self.pixels,
             )
             row = []
             for res in results:
@@ -242,7 +244,9 @@ class Setup:
     runner: Runner
 
     def explainer(self, keep_batches: bool = False) -> Explainer:
-        return Explainer(self.model, self.methods, self.layer, self.target, self.runner, keep_batches)
+        pre = self.loaded.preprocess
+        return Explainer(self.model, self.methods, self.layer, self.target, self.runner, keep_batches,
+                         pixels=PixelSpace(tuple(pre.mean), tuple(pre.std)))
 
 
 def resolve_target(target: TargetConfig, labels: list[str] | None, n_classes: int) -> TargetConfig:
@@ -281,6 +285,8 @@ def setup(cfg: Config, device: torch.device | None = None) -> Setup:
         for spec in [get_metric(name)]
     ]
     loaded = build_model(cfg.model, cfg.preprocess)
+    # Knobs that name files (e.g. an Integrated Gradients baseline image) are read here, once.
+    methods = [(s, p.prepare(loaded.preprocess) if hasattr(p, "prepare") else p) for s, p in methods]
     model = loaded.module.to(device).eval()
     memory_format = torch.channels_last if cfg.runtime.channels_last else torch.contiguous_format
     if cfg.runtime.channels_last:
@@ -601,7 +607,9 @@ def run_explain(
 def _params_dict(p: Any) -> dict[str, Any]:
     import dataclasses
 
-    return dataclasses.asdict(p) if dataclasses.is_dataclass(p) else {}
+    if not dataclasses.is_dataclass(p):
+        return {}
+    return {k: v for k, v in dataclasses.asdict(p).items() if not isinstance(v, Tensor)}  # no loaded tensors
 
 
 def _explain_and_write(

@@ -107,6 +107,33 @@ class Runner:
         return torch.cat(grads), scores
 
 
+@dataclass(frozen=True)
+class PixelSpace:
+    """How the model input relates to pixel values in [0, 1]: ``x = (pixel - mean) / std`` per channel.
+
+    Filled from the run's preprocessing; the default (mean 0, std 1) takes the input as pixels in
+    [0, 1], so a black image is the zero tensor (Captum's default baseline)."""
+
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+
+    def _stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        shape = (1, len(self.mean), 1, 1)
+        mean = torch.tensor(self.mean, dtype=like.dtype, device=like.device).view(shape)
+        std = torch.tensor(self.std, dtype=like.dtype, device=like.device).view(shape)
+        return mean, std
+
+    def to_model(self, pixels: Tensor) -> Tensor:
+        """(B, C, H, W) pixel values in [0, 1] -> model input."""
+        mean, std = self._stats(pixels)
+        return (pixels - mean) / std
+
+    def to_pixels(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) model input -> pixel values (in [0, 1] for a real image)."""
+        mean, std = self._stats(x)
+        return x * std + mean
+
+
 @dataclass
 class Batch:
     """One batch as a method sees it. Tensors live on the run's device; maps stay there."""
@@ -120,6 +147,7 @@ class Batch:
     gradients: Tensor | None = None  # d logit[target] / d activations, float32
     input_grad: Tensor | None = None  # d logit[target] / d x, float32
     seeds: Tensor | None = None  # (B,) int64, one seed per image (stable across batch sizes)
+    pixels: PixelSpace = field(default_factory=PixelSpace)  # input normalisation (black image, noise range)
 
     @property
     def model(self) -> nn.Module:
