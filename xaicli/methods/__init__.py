@@ -43,8 +43,10 @@ class MethodSpec:
     needs_layer: bool  # reads the target layer's activations
     signed: bool  # the raw map has a meaningful sign (rendered diverging or as magnitude)
     params: type
-    # (params, n_channels at the target layer) -> (forwards, backwards) per image and target
-    cost: Callable[[Any, int | None], tuple[int, int]]
+    # (params, n_channels at the target layer) -> (forwards, backwards) per image and target.
+    # A count that depends on what the knobs do not fix (the layer's channels when `channels` is
+    # None, the input size) is given as a short formula string instead of an int.
+    cost: Callable[[Any, int | None], tuple[int | str, int]]
     aliases: tuple[str, ...] = ()
 
     @property
@@ -76,7 +78,7 @@ def register(
     needs_layer: bool = True,
     signed: bool = False,
     params: type = NoParams,
-    cost: Callable[[Any, int | None], tuple[int, int]] | None = None,
+    cost: Callable[[Any, int | None], tuple[int | str, int]] | None = None,
     aliases: tuple[str, ...] = (),
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn`` under ``name``; a duplicate name fails at import."""

@@ -59,3 +59,21 @@ def eigencam(batch: Batch, p: EigenParams) -> Tensor:
     sign fixed by the |min| > |max| rule (Seg-Eigen-CAM, Eq. 13). Same map for every class."""
     a, _ = _need(batch, grads=False)
     return project(a, p)
+
+
+@register(
+    "eigengradcam",
+    family="cam",
+    summary="Eigen-Grad-CAM: first principal component of gradient x activation (class-specific)",
+    paper="pytorch-grad-cam's EigenGradCAM (Eigen-CAM of Muhammad & Yeasin 2020 on G*A)",
+    space="layer",
+    grad_of="layer",
+    params=EigenParams,
+    aliases=("eigen_grad_cam",),
+)
+def eigengradcam(batch: Batch, p: EigenParams) -> Tensor:
+    """The Eigen-CAM projection (see ``project``) of the element-wise product G * A, G the gradient of
+    the target logit: the first principal component of the class-weighted features. Departure from
+    pytorch-grad-cam: the SVD sign is fixed by the |min| > |max| rule (``sign_correction``)."""
+    a, g = _need(batch)
+    return project(g * a, p)
