@@ -235,7 +235,16 @@ def _print_comparison(runs: list[Path], as_json: bool) -> None:
     if as_json:
         console.print_json(json.dumps(result))
         return
-    console.print(comparison_table(result))
+    from rich.measure import Measurement
+
+    table = comparison_table(result)
+    # Never squeeze the numbers: a table wider than the console is printed at its natural width.
+    width = console.width
+    console.width = max(width, Measurement.get(console, console.options.update_width(10_000), table).maximum)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
     for note in result["notes"]:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False)
 

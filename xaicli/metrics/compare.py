@@ -110,11 +110,11 @@ def comparison_table(result: dict[str, Any]) -> Any:
     table = Table(title=f"methods compared on {result['images']} image(s)")
     if multi:
         table.add_column("run", overflow="fold")
-    table.add_column("method")
+    table.add_column("method", no_wrap=True)
     best: dict[str, float] = {}
     for col in result["columns"]:
         arrow = " ↓" if col in LOWER_IS_BETTER else (" ↑" if col in HIGHER_IS_BETTER else "")
-        table.add_column(col + arrow, justify="right")
+        table.add_column(col + arrow, justify="right", no_wrap=True)
         vals = [_value(r["values"][col]) for r in result["rows"] if col in r["values"]]
         if len(result["rows"]) > 1 and vals and (col in LOWER_IS_BETTER or col in HIGHER_IS_BETTER):
             best[col] = min(vals) if col in LOWER_IS_BETTER else max(vals)
@@ -126,7 +126,7 @@ def comparison_table(result: dict[str, Any]) -> Any:
             if v is None:
                 cells.append("-")
                 continue
-            text = f"{v['value']:.4f}" if "value" in v else f"{v['mean']:.4f} ± {v['std']:.4f}"
+            text = f"{v['value']:.4f}" if "value" in v else f"{v['mean']:.4f}±{v['std']:.4f}"
             if v["n"] != row["images"]:
                 text += f" (n={v['n']})"
             if col in best and _value(v) == best[col]:

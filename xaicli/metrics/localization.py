@@ -101,8 +101,8 @@ def threshold_grid(interval: float) -> np.ndarray:
 def component_boxes(maps: Tensor, thresholds: Sequence[float], largest: bool = True) -> np.ndarray:
     """Inclusive boxes (B, T, K, 4) in the maps' own (H, W) frame, NaN-padded: for each image and
     threshold t, the bounding boxes of the 8-connected components of ``map > t * max(map)`` (the
-    largest by pixel count when ``largest``; ties: the first in raster order). A map whose maximum
-    is <= 0 has no box.
+    largest by pixel count when ``largest``; ties: the larger sum of map values, then the first in
+    raster order). A map whose maximum is <= 0 has no box.
 
     Host step (documented exception to "no per-image loops"): OpenCV connected components per
     image and threshold, on the small map copied to the host once."""
@@ -119,10 +119,12 @@ def component_boxes(maps: Tensor, thresholds: Sequence[float], largest: bool = T
                 row.append(np.zeros((0, 4)))
                 continue
             binary = (m[i] > t * peak[i]).astype(np.uint8)
-            n, _, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+            n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
             s = stats[1:n].astype(np.float64)
-            if largest and len(s):
-                s = s[[int(np.argmax(s[:, 4]))]]
+            if largest and len(s) > 1:
+                # Most pixels; ties: most map mass, then the first in raster order.
+                mass = np.bincount(labels.ravel(), weights=m[i].ravel(), minlength=n)[1:n]
+                s = s[[int(np.lexsort((-np.arange(len(s)), mass, s[:, 4]))[-1])]]
             row.append(np.stack([s[:, 0], s[:, 1], s[:, 0] + s[:, 2] - 1, s[:, 1] + s[:, 3] - 1], 1).reshape(-1, 4))
         found.append(row)
     k = max([len(bx) for row in found for bx in row] + [1])
