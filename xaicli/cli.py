@@ -164,6 +164,10 @@ def explain(
     metrics: Annotated[
         str | None, typer.Option("--metrics", help="Metrics to compute, comma-separated (see `xai metrics`).")
     ] = None,
+    ground_truth: Annotated[
+        Path | None,
+        typer.Option("--ground-truth", help="Masks folder mirroring the input tree, or a CSV/JSON file of boxes."),
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Skip images already complete in --out.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier run in --out.")] = False,
     shard: Annotated[str | None, typer.Option("--shard", help="Process only part I of N of the sorted list: I/N.")] = None,
@@ -182,6 +186,7 @@ def explain(
         cfg = apply_overrides(
             cfg, method=method, layer=layer, target=target, device=device, batch_size=batch_size,
             workers=workers, precision=precision, save_maps=save_maps, fmt=fmt, metrics=metrics,
+            ground_truth=str(ground_truth) if ground_truth is not None else None,
         )
         result = run_explain(
             cfg, images, out, progress=RichProgress(quiet), resume=resume, overwrite=overwrite,
@@ -189,6 +194,8 @@ def explain(
         )
         if not quiet:
             _summary(result)
+            if result.run.get("metrics") and result.ok:
+                _print_comparison([result.out], as_json=False)
         raise typer.Exit(result.exit_code)
 
 
@@ -207,6 +214,39 @@ def _summary(result: Any) -> None:
         err_console.print(f"  [red]failed[/] {f['path']}: {f['error']['message']}", highlight=False, soft_wrap=True)
     if len(run["failures"]) > 10:
         err_console.print(f"  ... and {len(run['failures']) - 10} more (see run.json)")
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders written by `xai explain --out`.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Compare methods on the same images: metric means ± std per run and method."""
+    with user_errors():
+        _print_comparison(runs, as_json)
+
+
+def _print_comparison(runs: list[Path], as_json: bool) -> None:
+    import json
+
+    from .metrics.compare import compare_runs, comparison_table, load_run
+
+    result = compare_runs([load_run(r) for r in runs])
+    if as_json:
+        console.print_json(json.dumps(result))
+        return
+    from rich.measure import Measurement
+
+    table = comparison_table(result)
+    # Never squeeze the numbers: a table wider than the console is printed at its natural width.
+    width = console.width
+    console.width = max(width, Measurement.get(console, console.options.update_width(10_000), table).maximum)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
+    for note in result["notes"]:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
 
 
 @app.command()

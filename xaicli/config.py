@@ -118,6 +118,15 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class GroundTruthConfig:
+    """Where the localization metrics find each image's object: a folder of masks mirroring the
+    input tree, or a CSV/JSON file of boxes (see xaicli/metrics/ground_truth.py)."""
+
+    masks: str | None = None
+    boxes: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = EMBEDDED_MODEL
     preprocess: PreprocessConfig = EMBEDDED_PREPROCESS
@@ -128,6 +137,7 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     metrics: dict[str, Any] = field(default_factory=dict)  # switched-on metrics and their knobs
+    ground_truth: GroundTruthConfig = field(default_factory=GroundTruthConfig)
     source_path: str | None = None  # where the YAML came from (None: embedded default)
 
     def method_params(self, name: str) -> Any:
@@ -374,6 +384,8 @@ def config_from_dict(data: Any, source_path: str | None = None) -> Config:
         kwargs["methods"] = resolved
     if "metrics" in data:
         kwargs["metrics"] = _validate_metrics(data["metrics"])
+    if "ground_truth" in data:
+        kwargs["ground_truth"] = build_dataclass(GroundTruthConfig, data["ground_truth"], "ground_truth")
     cfg = Config(**kwargs)
     _check_ranges(cfg)
     return cfg
@@ -419,6 +431,8 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"preprocess.std: values must be positive, got {p.std!r}")
     if m.source in ("torchvision", "timm") and not m.name:
         raise ConfigError(f"model.name: required when model.source is {m.source!r}")
+    if cfg.ground_truth.masks and cfg.ground_truth.boxes:
+        raise ConfigError("ground_truth: give either masks (a folder) or boxes (a file), not both")
     if m.source == "factory" and not m.factory:
         raise ConfigError("model.factory: required when model.source is 'factory' (e.g. 'package.module:callable')")
 
@@ -457,6 +471,7 @@ def apply_overrides(
     save_maps: bool | None = None,
     fmt: str | None = None,
     metrics: str | None = None,
+    ground_truth: str | None = None,
 ) -> Config:
     """Merge command-line overrides into a config: the one place they are applied."""
     changes: dict[str, Any] = {}
@@ -487,6 +502,10 @@ def apply_overrides(
         changes["output"] = build_dataclass(OutputConfig, {**dataclasses.asdict(cfg.output), **output}, "output")
     if metrics is not None:
         changes["metrics"] = {**cfg.metrics, **_validate_metrics(metrics)}
+    if ground_truth is not None:
+        # A folder is a mask tree, a file a list of boxes.
+        key = "masks" if Path(ground_truth).is_dir() else "boxes"
+        changes["ground_truth"] = GroundTruthConfig(**{key: ground_truth})
     out = dataclasses.replace(cfg, **changes)
     _check_ranges(out)
     return out

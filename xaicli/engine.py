@@ -36,6 +36,7 @@ from .layers import LayerRef, auto_layer, resolve_layer
 from .methods import MethodSpec, get_method
 from .methods.base import Batch, MethodOutput, PixelSpace, Runner, is_oom
 from .metrics import MetricSpec, get_metric
+from .metrics.ground_truth import GroundTruth, load_ground_truth
 from .models import LoadedModel, build_model
 from .outputs import (
     RUN,
@@ -48,7 +49,7 @@ from .outputs import (
     read_scores,
     write_json,
 )
-from .render import colormap, normalize, overlay, place, reduce_channels, to_input_size
+from .render import colormap, draw_boxes, normalize, overlay, place, reduce_channels, to_input_size
 
 # --------------------------------------------------------------------------------------------
 # Device and precision
@@ -242,6 +243,7 @@ class Setup:
     methods: list[tuple[MethodSpec, Any]]
     metrics: list[tuple[MetricSpec, Any]]
     runner: Runner
+    ground_truth: GroundTruth | None = None  # for the localization metrics
 
     def explainer(self, keep_batches: bool = False) -> Explainer:
         pre = self.loaded.preprocess
@@ -284,6 +286,13 @@ def setup(cfg: Config, device: torch.device | None = None) -> Setup:
         for name in cfg.metrics
         for spec in [get_metric(name)]
     ]
+    ground_truth = load_ground_truth(cfg.ground_truth.masks, cfg.ground_truth.boxes)
+    needs_gt = [s.name for s, _ in metrics if s.ground_truth]
+    if needs_gt and ground_truth is None:
+        raise ConfigError(
+            f"metrics: {', '.join(needs_gt)} need ground truth",
+            "add `ground_truth: {masks: DIR}` (or `{boxes: FILE}`) to the config, or --ground-truth PATH",
+        )
     loaded = build_model(cfg.model, cfg.preprocess)
     # Knobs that name files (e.g. an Integrated Gradients baseline image) are read here, once.
     methods = [(s, p.prepare(loaded.preprocess) if hasattr(p, "prepare") else p) for s, p in methods]
@@ -318,7 +327,8 @@ def setup(cfg: Config, device: torch.device | None = None) -> Setup:
         memory_format=memory_format,
         precision=cfg.runtime.precision,
     )
-    st = Setup(cfg, device, loaded, model, layer, layer_shape, n_classes, target, methods, metrics, runner)
+    st = Setup(cfg, device, loaded, model, layer, layer_shape, n_classes, target, methods, metrics, runner,
+               ground_truth)
     _dry_run(st)
     return st
 
@@ -599,7 +609,7 @@ def run_explain(
     }
     from .metrics.summary import aggregate
 
-    run["aggregates"] = aggregate(read_scores(out / SCORES))
+    run["aggregates"] = aggregate(read_scores(out / SCORES), run["metrics"])
     write_json(out / RUN, run)
     return RunResult(out, len(entries), total_ok, counts["failed"], len(done), listed.ignored, exit_code, run)
 
@@ -643,6 +653,14 @@ def _explain_and_write(
 
     images = [im.to(device, non_blocking=True) for im in batch["images"][sl]]
     b = len(rels)
+    ctx = None
+    if any(ms.context for ms, _ in st.metrics):
+        from .metrics.context import build_context
+
+        sizes = [(int(im.shape[1]), int(im.shape[2])) for im in images]
+        ctx = build_context(rels, sizes, pre, st.ground_truth, device)
+    # Metrics whose `draw` knob is on put their boxes on the overlays.
+    draw = any(getattr(mp, "draw", False) for _, mp in st.metrics)
     # Per method and target rank: stats, normalised map, metrics.
     per_entry: list[list[dict[str, Any]]] = [[] for _ in range(b)]
     jobs: list[list[Any]] = [[] for _ in range(b)]
@@ -659,7 +677,8 @@ def _explain_and_write(
                 metric_map = normalize(raw, None if mode is None else ("positive" if mode == "diverging" else mode))
                 metric_map = to_input_size(metric_map, input_size)
                 for mspec, mparams in st.metrics:
-                    for key, val in mspec.fn(mb, metric_map, mparams).items():
+                    margs = (mb, metric_map, mparams, ctx) if mspec.context else (mb, metric_map, mparams)
+                    for key, val in mspec.fn(*margs).items():
                         metric_vals[key] = val.detach().float().cpu()
             extras = {k: v.detach().float().cpu() for k, v in mres.extras[j].items()}
             suffix = f".{spec.name}" + (f".top{j + 1}" if st.target.mode == "topk" else "")
@@ -674,7 +693,10 @@ def _explain_and_write(
                 files: dict[str, str | None] = {"overlay": None, "map": None}
                 if o.overlays:
                     ov = overlay(img, placed, dlut if mode == "diverging" else lut, o.alpha,
-                                 signed=mode == "diverging", mask=mask).cpu().numpy()
+                                 signed=mode == "diverging", mask=mask)
+                    if draw and "boxes" in metric_vals:
+                        ov = draw_boxes(ov, metric_vals["boxes"][i].reshape(-1, 4))
+                    ov = ov.cpu().numpy()
                     rel_ov = f"overlays/{stem}{suffix}.{o.format}"
                     files["overlay"] = rel_ov
                     jobs[i].append((out / rel_ov, partial(encode_image, ov, o.format, o.jpeg_quality)))
@@ -724,7 +746,14 @@ def _explain_and_write(
 
 
 def _scalar(v: Tensor) -> Any:
-    if v.dim() == 0:
-        f = float(v)
-        return None if not np.isfinite(f) else f
-    return [None if not np.isfinite(float(a)) else float(a) for a in v.flatten().tolist()]
+    """A per-image value for JSON: a number, or nested lists for (N,) / (N, 4) values. Non-finite
+    numbers become null, and so does a list holding nothing but nulls (e.g. no box, no ground truth)."""
+    return _json_ready(v.tolist())
+
+
+def _json_ready(v: Any) -> Any:
+    if isinstance(v, list):
+        items = [_json_ready(a) for a in v]
+        return None if items and all(a is None for a in items) else items
+    f = float(v)
+    return f if np.isfinite(f) else None

@@ -133,3 +133,24 @@ def overlay(image: Tensor, heat: Tensor, lut: Tensor, alpha: float, signed: bool
     a = torch.full_like(heat, alpha) if mask is None else mask.float() * alpha
     out = img * (1 - a[..., None]) + colors * a[..., None]
     return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def draw_boxes(rgb: Tensor, boxes: Tensor, color: tuple[int, int, int] = (255, 255, 255),
+               thickness: int | None = None) -> Tensor:
+    """Outline inclusive [x0, y0, x1, y1] boxes (N, 4) on a uint8 (H, W, 3) image (a copy); NaN
+    boxes are skipped. The outline lies inside the box; its width scales with the image."""
+    h, w = int(rgb.shape[0]), int(rgb.shape[1])
+    t = thickness or max(1, round(min(h, w) / 150))
+    out = rgb.clone()
+    col = torch.tensor(color, dtype=rgb.dtype, device=rgb.device)
+    for box in boxes.reshape(-1, 4).tolist():
+        if any(v != v for v in box):  # NaN: no box at this threshold
+            continue
+        x0, y0, x1, y1 = (int(v) for v in box)
+        x0, x1 = max(0, min(x0, w - 1)), max(0, min(x1, w - 1))
+        y0, y1 = max(0, min(y0, h - 1)), max(0, min(y1, h - 1))
+        out[y0 : min(y0 + t, y1 + 1), x0 : x1 + 1] = col
+        out[max(y1 - t + 1, y0) : y1 + 1, x0 : x1 + 1] = col
+        out[y0 : y1 + 1, x0 : min(x0 + t, x1 + 1)] = col
+        out[y0 : y1 + 1, max(x1 - t + 1, x0) : x1 + 1] = col
+    return out

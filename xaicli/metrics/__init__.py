@@ -5,8 +5,13 @@ A metric is a function ``fn(batch, maps, params) -> dict[str, Tensor]``:
 * ``batch`` is the method's :class:`xaicli.methods.base.Batch` (input, targets, chunked runner);
 * ``maps`` is (B, H, W) float32 on the device at the model input's resolution, non-negative and
   scaled to [0, 1] per image (how the engine normalises for rendering);
-* the result maps score names to per-image values (B,) (or per-image lists as (B, N) tensors),
-  written under ``metrics`` in the method's entry of scores.jsonl and aggregated in run.json.
+* the result maps score names to per-image values (B,) (or per-image lists as (B, N) / (B, N, 4)
+  tensors; NaN means "no value" and is written as null), written under ``metrics`` in the method's
+  entry of scores.jsonl and aggregated in run.json.
+
+A metric registered with ``context=True`` gets a fourth argument, a
+:class:`xaicli.metrics.context.MetricContext`: each image's original size, the window of it that
+the model input shows, and (``ground_truth=True``) its ground truth mapped into the input frame.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ class MetricSpec:
     params: type
     # (params) -> forwards per image and method
     cost: Callable[[Any], int]
+    context: bool = False  # fn takes a 4th argument: the per-image MetricContext
+    ground_truth: bool = False  # needs ground truth (config `ground_truth`); implies context
 
 
 _REGISTRY: dict[str, MetricSpec] = {}
@@ -37,7 +44,13 @@ _loaded = False
 
 
 def register(
-    name: str, *, summary: str, params: type, cost: Callable[[Any], int] | None = None
+    name: str,
+    *,
+    summary: str,
+    params: type,
+    cost: Callable[[Any], int] | None = None,
+    context: bool = False,
+    ground_truth: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     if not dataclasses.is_dataclass(params):
         raise TypeError(f"{name}: params must be a dataclass")
@@ -45,7 +58,9 @@ def register(
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in _REGISTRY:
             raise RuntimeError(f"metric {name!r} registered twice")
-        _REGISTRY[name] = MetricSpec(name, fn, summary, params, cost or (lambda p: 0))
+        _REGISTRY[name] = MetricSpec(
+            name, fn, summary, params, cost or (lambda p: 0), context or ground_truth, ground_truth
+        )
         return fn
 
     return deco
