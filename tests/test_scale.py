@@ -431,3 +431,31 @@ def test_cuda_memory_flat_over_batches() -> None:
         torch.cuda.synchronize()
         used.append(torch.cuda.memory_allocated())
     assert used[1:] == used[:1] * 5, used
+
+
+# --------------------------------------------------------------------------------------------
+# The overlay's lookup table gives exactly the float blend
+
+
+def test_overlay_equals_the_float_blend() -> None:
+    from xaicli.render import colormap, overlay
+
+    def blend(image, heat, lut, alpha, signed=False, mask=None):
+        v = (heat + 1) * 0.5 if signed else heat
+        colors = lut[(v.clamp(0, 1) * 255).round().long()].float()
+        a = torch.full_like(heat, alpha) if mask is None else mask.float() * alpha
+        out = image.permute(1, 2, 0).float() * (1 - a[..., None]) + colors * a[..., None]
+        return out.round().clamp(0, 255).to(torch.uint8)
+
+    # Every (pixel value, colour index) pair, for every channel.
+    pixel = torch.arange(256, dtype=torch.uint8).repeat_interleave(256).view(1, 256, 256).repeat(3, 1, 1)
+    heat = torch.arange(256).repeat(256).view(256, 256).float() / 255
+    mask = torch.rand(256, 256, generator=torch.Generator().manual_seed(0)) > 0.3
+    for name, signed in (("jet", False), ("bwr", True)):
+        lut = colormap(name, torch.device("cpu"))
+        h = heat * 2 - 1 if signed else heat
+        for alpha in (0.5, 0.3, 0.123, 1.0):
+            got = overlay(pixel, h, lut, alpha, signed=signed)
+            assert got.shape == (256, 256, 3) and got.is_contiguous()
+            assert torch.equal(got, blend(pixel, h, lut, alpha, signed))
+            assert torch.equal(overlay(pixel, h, lut, alpha, signed, mask), blend(pixel, h, lut, alpha, signed, mask))
