@@ -26,6 +26,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+# Both tools run with OpenMP threads waiting passively (xai's default, cli.main), unless the caller
+# sets OMP_WAIT_POLICY: the comparison is then between the tools, not their OpenMP settings.
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 # (height, width) and weight: mostly ImageNet-like ~500x375, some phone-sized and small ones.
 SIZES = [((375, 500), 4), ((500, 375), 2), ((333, 500), 2), ((480, 640), 2), ((640, 480), 1),
          ((768, 1024), 1), ((1080, 1440), 1), ((224, 300), 1), ((600, 600), 1)]
@@ -87,7 +90,7 @@ def run_xai(images: Path, out: Path, cfg: Path | None, a: argparse.Namespace) ->
     if cfg is not None:
         cmd += ["-c", str(cfg)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"xai failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -102,7 +105,7 @@ def run_script(images: Path, out: Path, a: argparse.Namespace) -> dict:
     cmd = [sys.executable, str(ROOT / "benchmarks" / "pgc_script.py"), str(images), str(out),
            "--model", a.model, "--batch", str(a.batch), "--device", "cuda" if a.device == "cuda" else "cpu"]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"pytorch-grad-cam script failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -143,7 +146,8 @@ def main() -> None:
         if r["files"] != a.n:
             raise SystemExit(f"{name} wrote {r['files']} overlays for {a.n} images")
 
-    print(f"\ndevice {a.device} ({dev_name}), {os.cpu_count()} CPUs, torch {torch.__version__}, model {a.model}, "
+    print(f"\ndevice {a.device} ({dev_name}), {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"OMP_WAIT_POLICY={ENV['OMP_WAIT_POLICY']}, model {a.model}, "
           f"batch {a.batch}, xai workers {a.workers}, xai precision {a.precision}, {a.n} images, best of {a.repeat}")
     if load_before is not None:
         print(f"load average {load_before:.1f} before, {load_after:.1f} after (other processes share the CPU)")

@@ -66,7 +66,7 @@ def main() -> None:
             rgbs = [np.float32(Image.open(p).convert("RGB").resize((224, 224))) / 255 for p in batch]
             x = torch.cat([preprocess_image(rgb, mean=mean, std=std) for rgb in rgbs]).to(args.device)
             grayscale = cam(input_tensor=x, targets=None)  # the predicted class of each image
-            for p, rgb, g in zip(batch, rgbs, grayscale):
+            for p, rgb, g in zip(batch, rgbs, grayscale, strict=True):
                 vis = show_cam_on_image(rgb, g, use_rgb=True)
                 name = os.path.relpath(p, args.images).replace(os.sep, "__")
                 cv2.imwrite(str(args.out / (Path(name).stem + ".gradcam.jpg")), cv2.cvtColor(vis, cv2.COLOR_RGB2BGR))

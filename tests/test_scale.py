@@ -459,3 +459,17 @@ def test_overlay_equals_the_float_blend() -> None:
             assert got.shape == (256, 256, 3) and got.is_contiguous()
             assert torch.equal(got, blend(pixel, h, lut, alpha, signed))
             assert torch.equal(overlay(pixel, h, lut, alpha, signed, mask), blend(pixel, h, lut, alpha, signed, mask))
+
+
+def test_cli_makes_openmp_wait_passively_unless_told(monkeypatch) -> None:
+    from xaicli.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["xai", "--version"])
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    with pytest.raises(SystemExit):
+        main()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    with pytest.raises(SystemExit):
+        main()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"

@@ -3,6 +3,7 @@ module prints it (rich, one line plus a hint) and exits with its code; --debug r
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -326,6 +327,10 @@ def layers(
 
 def main() -> None:
     """Console-script entry point."""
+    # OpenMP threads that spin while they wait take the cores the loader workers, the writer
+    # threads and other processes need: 2.2x slower end to end on a busy 2-core machine, and a
+    # 10x slower forward (docs/performance.md). Set before torch loads OpenMP; the user's value wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         app()
     except SystemExit as e:
