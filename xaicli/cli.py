@@ -3,6 +3,7 @@ module prints it (rich, one line plus a hint) and exits with its code; --debug r
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -181,6 +182,10 @@ def explain(
     with user_errors():
         from .config import apply_overrides, load_config
         from .engine import run_explain
+        from .shards import dist_env
+
+        dist = dist_env()
+        quiet = quiet or (dist is not None and dist.rank != 0)  # one progress bar per torchrun job
 
         cfg = load_config(config)
         cfg = apply_overrides(
@@ -203,13 +208,24 @@ def _summary(result: Any) -> None:
     run = result.run
     t = run["timings"]
     rate = f", {t['images_per_s']:.1f} img/s" if t.get("images_per_s") else ""
+    merged = result.merged
+    ok, failed = (merged.ok, merged.failed) if merged is not None else (result.ok, result.failed)
     err_console.print(
-        f"[bold green]done[/]: {result.ok} ok, {result.failed} failed"
-        + (f", {result.skipped} already done" if result.skipped else "")
+        f"[bold green]done[/]: {ok} ok, {failed} failed"
+        + (f", {result.skipped} already done" if result.skipped and merged is None else "")
         + f" -> {result.out}/ ({run['model']}, layer {run['layer']}, {run['device']['type']}{rate})",
         highlight=False,
         soft_wrap=True,
     )
+    if result.pending:
+        err_console.print(
+            f"  part {run['part']['label']} done; waiting for {', '.join(result.pending)}: the last part to finish "
+            f"merges them (or run `xai merge {result.out}`)",
+            highlight=False, soft_wrap=True,
+        )
+    elif merged is not None:
+        err_console.print(f"  merged parts {', '.join(merged.merged_parts)} into scores.jsonl and run.json",
+                          highlight=False, soft_wrap=True)
     for f in run["failures"][:10]:
         err_console.print(f"  [red]failed[/] {f['path']}: {f['error']['message']}", highlight=False, soft_wrap=True)
     if len(run["failures"]) > 10:
@@ -247,6 +263,31 @@ def _print_comparison(runs: list[Path], as_json: bool) -> None:
         console.width = width
     for note in result["notes"]:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+
+
+@app.command()
+def merge(
+    out: Annotated[Path, typer.Argument(help="The --out folder of a sharded run (holding parts/).")],
+    partial: Annotated[bool, typer.Option("--partial", help="Merge even if some parts have not finished.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary.")] = False,
+) -> None:
+    """Merge the parts of a sharded run (--shard I/N or torchrun) into scores.jsonl and run.json.
+
+    Exit codes: 0 all images succeeded, 1 some failed, 2 nothing to merge or parts missing.
+    """
+    with user_errors():
+        from .errors import OutputError
+        from .shards import merge_parts
+
+        result = merge_parts(out, partial=partial)
+        if result is None:
+            raise OutputError(f"{out}: no parts to merge (no {out}/parts/scores.*-of-*.jsonl)",
+                              "parts are merged automatically when the last one finishes")
+        if not quiet:
+            err_console.print(f"[bold green]merged[/] {len(result.merged_parts)} parts -> {out}/scores.jsonl: "
+                              f"{result.records} images, {result.ok} ok, {result.failed} failed",
+                              highlight=False, soft_wrap=True)
+        raise typer.Exit(result.exit_code)
 
 
 @app.command()
@@ -416,6 +457,10 @@ def check(
 
 def main() -> None:
     """Console-script entry point."""
+    # OpenMP threads that spin while they wait take the cores the loader workers, the writer
+    # threads and other processes need: 2.2x slower end to end on a busy 2-core machine, and a
+    # 10x slower forward (docs/performance.md). Set before torch loads OpenMP; the user's value wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         app()
     except SystemExit as e:

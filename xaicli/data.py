@@ -140,6 +140,9 @@ class ImageFolder(Dataset[dict[str, Any]]):
     def __init__(self, entries: list[ImageEntry], preprocess: Preprocess) -> None:
         self.entries = entries
         self.preprocess = preprocess
+        # Imported here, in the parent, so forked loader workers inherit it: otherwise each worker
+        # imports torchvision (with torch._dynamo, ~2 s) before its first image.
+        import torchvision.transforms.v2.functional  # noqa: F401
 
     def __len__(self) -> int:
         return len(self.entries)

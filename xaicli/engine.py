@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import __version__
+from . import __version__, shards
 from .capture import record
 from .config import SCHEMA_VERSION, Config, TargetConfig
 from .data import ImageEntry, ImageFolder, collate, list_images, worker_init
@@ -45,7 +45,6 @@ from .outputs import (
     Writer,
     encode_image,
     encode_npy,
-    finalize_scores,
     read_scores,
     write_json,
 )
@@ -337,7 +336,7 @@ def _dry_run(st: Setup) -> None:
     """Run the cheap methods once on a blank image, so a method that cannot work on this model
     (CAM without a GAP + linear head, a non-spatial layer) fails before any output is written."""
     channels = st.layer_shape[0] if st.layer_shape else None
-    cheap = [(s, p) for s, p in st.methods if s.cost(p, channels)[0] <= 4]
+    cheap = [(s, p) for s, p in st.methods if isinstance(f := s.cost(p, channels)[0], int) and f <= 4]
     if not cheap:
         return
     h, w = st.loaded.preprocess.input_size
@@ -376,6 +375,8 @@ class RunResult:
     ignored: int
     exit_code: int
     run: dict[str, Any]
+    merged: shards.MergeResult | None = None  # set when this process merged the parts
+    pending: list[str] = field(default_factory=list)  # parts of this layout still running
 
 
 def image_seed(rel: str, seed: int) -> int:
@@ -422,9 +423,12 @@ def _versions() -> dict[str, str]:
     return v
 
 
-def _prepare_out(out: Path, input_path: Path, resume: bool, overwrite: bool) -> None:
+def _prepare_out(out: Path, input_path: Path, resume: bool, overwrite: bool,
+                 part: shards.Part | None = None, clear: bool = True) -> None:
     """Create --out; refuse to mix with an earlier run unless --resume or --overwrite is given.
-    The input is never modified: --out may not be the input folder or lie above it."""
+    The input is never modified: --out may not be the input folder or lie above it. A part looks
+    only at the merged files and its own part files (the other parts may be running); ``clear``
+    False leaves the deleting of --overwrite to rank 0."""
     inp = input_path.resolve()
     o = out.resolve()
     if o == inp or o in inp.parents:
@@ -434,6 +438,8 @@ def _prepare_out(out: Path, input_path: Path, resume: bool, overwrite: bool) -> 
     if o.exists() and not o.is_dir():
         raise OutputError(f"--out {out} exists and is not a folder")
     existing = (o / SCORES).exists() or (o / RUN).exists()
+    if part is not None:
+        existing = existing or part.scores_path(o).exists() or part.run_path(o).exists()
     if existing and not (resume or overwrite):
         raise OutputError(
             f"--out {out} already holds a run (scores.jsonl / run.json)",
@@ -443,24 +449,18 @@ def _prepare_out(out: Path, input_path: Path, resume: bool, overwrite: bool) -> 
         o.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"--out {out}: cannot create the folder: {e.strerror or e}") from None
-    if overwrite and not resume:
+    if overwrite and not resume and clear:
         for name in (SCORES, RUN):
             (o / name).unlink(missing_ok=True)
-        for sub in ("overlays", "maps"):
+        for sub in ("overlays", "maps", shards.PARTS):
             if (o / sub).is_dir():
                 shutil.rmtree(o / sub)
 
 
 def _done_images(out: Path) -> dict[str, dict[str, Any]]:
-    """Records of images already complete in ``out``: status ok and every listed file present."""
-    done = {}
-    for r in read_scores(out / SCORES):
-        if r.get("status") != "ok":
-            continue
-        files = [f for e in r.get("explanations", []) for f in (e.get("files") or {}).values() if f]
-        if all((out / f).is_file() for f in files):
-            done[r["path"]] = r
-    return done
+    """Records of images already complete in ``out`` (scores.jsonl and any part): status ok and
+    every listed file present."""
+    return shards.done_images(out)
 
 
 def run_explain(
@@ -474,27 +474,69 @@ def run_explain(
     shard: tuple[int, int] | None = None,
     argv: list[str] | None = None,
 ) -> RunResult:
-    """Explain every image under ``input_path`` into ``out``. Bad images become error records."""
+    """Explain every image under ``input_path`` into ``out``. Bad images become error records.
+
+    Under torchrun (WORLD_SIZE > 1) and/or with ``shard``, this process runs one part of the
+    sorted list and writes its own part files; the parts are merged at the end (see shards.py).
+    """
     progress = progress or _NoProgress()
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    dist = shards.dist_env()
+    part = shards.part_for(shard, dist)
+    if overwrite and shard is not None:
+        raise ConfigError(
+            "--overwrite with --shard: each shard would delete the results of the others",
+            "delete the --out folder before launching the shards, or use --resume",
+        )
     listed = list_images(input_path, exclude=out)
     entries = listed.entries
-    if shard is not None:
-        index, count = shard
-        entries = entries[index::count]
+    if part is not None:
+        entries = entries[part.index :: part.count]
     if not listed.entries:
         raise InputError(
             f"no images in {input_path}"
             + (f" ({listed.ignored} other files ignored)" if listed.ignored else ""),
             "supported: " + ", ".join(sorted(e.lstrip(".") for e in ("jpg", "png", "bmp", "gif", "tif", "webp"))),
         )
-    st = setup(cfg)
-    _prepare_out(out, input_path, resume, overwrite)
+    group = shards.Group(dist) if dist is not None else None
+    try:
+        _prepare_out(out, input_path, resume, overwrite, part, clear=group is None or group.is_main)
+        if group is not None:
+            group.barrier()  # rank 0 has cleared an --overwrite before anyone writes
+        return _run_part(cfg, input_path, out, listed, entries, part, dist, group, progress, resume,
+                         shard, argv, t0, started)
+    finally:
+        if group is not None:
+            group.close()
+
+
+def _run_part(
+    cfg: Config,
+    input_path: Path,
+    out: Path,
+    listed: Any,
+    entries: list[ImageEntry],
+    part: shards.Part | None,
+    dist: shards.DistEnv | None,
+    group: shards.Group | None,
+    progress: ProgressHook,
+    resume: bool,
+    shard: tuple[int, int] | None,
+    argv: list[str] | None,
+    t0: float,
+    started: str,
+) -> RunResult:
+    device = select_device(cfg.runtime.device)
+    if dist is not None and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    st = setup(cfg, device)
     load_s = time.perf_counter() - t0
 
     done = _done_images(out) if resume else {}
     todo = [e for e in entries if e.rel not in done]
+    skipped = len(entries) - len(todo)
     names = output_names(listed.entries)
     loaded = st.loaded
     pre = loaded.preprocess
@@ -516,7 +558,7 @@ def run_explain(
                 counts["failed"] += 1
                 failures.append({"path": rec["path"], "error": rec["error"]})
 
-    scores = ScoresFile(out / SCORES)
+    scores = ScoresFile(part.scores_path(out) if part is not None else out / SCORES)
     threads = max(2, min(8, (os.cpu_count() or 2)))
     writer = Writer(scores, threads=threads, max_pending=4 * cfg.runtime.batch_size, on_done=on_done)
     dataset = ImageFolder(todo, pre)
@@ -568,8 +610,8 @@ def run_explain(
         scores.close()
         progress.finish()
     run_s = time.perf_counter() - t_run
-    finalize_scores(out / SCORES)
-    total_ok = counts["ok"] + len(done)
+    records = read_scores(scores.path) if part is not None else shards.finalize_unsharded(out)
+    total_ok = counts["ok"] + skipped
     exit_code = EXIT_OK if counts["failed"] == 0 else EXIT_PARTIAL
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     run = {
@@ -598,9 +640,13 @@ def run_explain(
         "precision": cfg.runtime.precision,
         "versions": _versions(),
         "counts": {"listed": len(listed.entries), "shard": len(entries), "processed": len(todo),
-                   "ok": total_ok, "failed": counts["failed"], "skipped_done": len(done),
+                   "ok": total_ok, "failed": counts["failed"], "skipped_done": skipped,
                    "ignored_files": listed.ignored},
         "shard": list(shard) if shard else None,
+        "part": None if part is None else {"label": part.label, "index": part.index, "count": part.count,
+                                           "rank": dist.rank if dist else None,
+                                           "world_size": dist.world if dist else None},
+        "host": shards.host(),
         "timings": {"load_s": round(load_s, 3), "run_s": round(run_s, 3),
                     "images_per_s": round(len(todo) / run_s, 3) if run_s > 0 else None},
         "peak_gpu_memory_mb": round(peak, 1) if peak is not None else None,
@@ -609,9 +655,34 @@ def run_explain(
     }
     from .metrics.summary import aggregate
 
-    run["aggregates"] = aggregate(read_scores(out / SCORES), run["metrics"])
-    write_json(out / RUN, run)
-    return RunResult(out, len(entries), total_ok, counts["failed"], len(done), listed.ignored, exit_code, run)
+    run["aggregates"] = aggregate(records, run["metrics"])
+    result = RunResult(out, len(entries), total_ok, counts["failed"], skipped, listed.ignored, exit_code, run)
+    if part is None:
+        write_json(out / RUN, run)
+        return result
+    write_json(part.run_path(out), run)
+    return _merge_parts(out, part, group, result)
+
+
+def _merge_parts(out: Path, part: shards.Part, group: shards.Group | None, result: RunResult) -> RunResult:
+    """After a part: under torchrun rank 0 merges once every rank is done and all ranks return
+    the merged exit code; alone, the last part of the layout to finish merges."""
+    merged: shards.MergeResult | None
+    if group is not None:
+        group.barrier()
+        merged, pending = None, []
+        if group.is_main:
+            merged, pending = shards.merge_if_complete(out, part)
+        code = group.broadcast(merged.exit_code if merged is not None else result.exit_code)
+    else:
+        merged, pending = shards.merge_if_complete(out, part)
+        code = merged.exit_code if merged is not None else result.exit_code
+    result.pending = [p.label for p in pending]
+    if merged is not None:
+        result.merged = merged
+        result.run = merged.run
+    result.exit_code = code
+    return result
 
 
 def _params_dict(p: Any) -> dict[str, Any]:

@@ -80,6 +80,8 @@ class ScoresFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        drop_torn_tail(path)
         self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
 
     def append(self, record: dict[str, Any]) -> None:
@@ -91,6 +93,32 @@ class ScoresFile:
     def close(self) -> None:
         with self._lock:
             self._f.close()
+
+
+def drop_torn_tail(path: Path) -> int:
+    """Cut a last line left without its newline by a killed run, so the next appended record
+    starts on a line of its own (glued to the fragment it would be lost). Returns bytes cut."""
+    try:
+        f = open(path, "rb+")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return 0
+    with f:
+        end = f.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:
+            step = min(pos, 1 << 16)
+            f.seek(pos - step)
+            block = f.read(step)
+            if pos == end and block.endswith(b"\n"):
+                return 0
+            nl = block.rfind(b"\n")
+            if nl >= 0:
+                keep = pos - step + nl + 1
+                f.truncate(keep)
+                return end - keep
+            pos -= step
+        f.truncate(0)
+        return end
 
 
 def read_scores(path: Path) -> list[dict[str, Any]]:

@@ -125,14 +125,40 @@ def place(m: Tensor, height: int, width: int, window: tuple[float, float, float,
 def overlay(image: Tensor, heat: Tensor, lut: Tensor, alpha: float, signed: bool = False,
             mask: Tensor | None = None) -> Tensor:
     """Blend a colormapped map onto an image. image uint8 (3, H, W); heat (H, W) in [0, 1]
-    (or [-1, 1] when ``signed``); returns uint8 (H, W, 3). Outside ``mask`` the image is kept."""
+    (or [-1, 1] when ``signed``); returns uint8 (H, W, 3). Outside ``mask`` the image is kept.
+
+    Each output byte is round(pixel * (1 - alpha) + colour * alpha) in the heat's float type, a
+    function of two bytes (pixel value, colour index): it is looked up in a 256 x 256 table per
+    channel, computed once with those same operations, so the result is exactly the float blend's
+    at a fraction of its cost (a few integer passes instead of a dozen float ones at full size).
+    """
     v = (heat + 1) * 0.5 if signed else heat
     idx = (v.clamp(0, 1) * 255).round().long()
-    colors = lut[idx].float()  # (H, W, 3)
-    img = image.permute(1, 2, 0).float()
-    a = torch.full_like(heat, alpha) if mask is None else mask.float() * alpha
-    out = img * (1 - a[..., None]) + colors * a[..., None]
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+    table = _blend_table(lut, alpha, heat.dtype)  # (3, 256 * 256) uint8
+    key = image.reshape(3, -1).long().mul_(256).add_(idx.reshape(1, -1))
+    out = torch.gather(table, 1, key).view(image.shape)
+    if mask is not None:
+        out = torch.where(mask, out, image)
+    return out.permute(1, 2, 0).contiguous()
+
+
+_BLEND: dict[tuple[int, float, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+
+def _blend_table(lut: Tensor, alpha: float, dtype: torch.dtype) -> Tensor:
+    """table[c, pixel * 256 + k] = round(pixel * (1 - a) + lut[k, c] * a) as uint8, a = alpha in
+    ``dtype``: the blend of every (pixel value, colour index) pair, on the LUT's device."""
+    key = (id(lut), float(alpha), dtype)
+    hit = _BLEND.get(key)
+    if hit is not None and hit[0] is lut:
+        return hit[1]
+    a = torch.full((1, 1, 1), alpha, dtype=dtype, device=lut.device)
+    pixel = torch.arange(256, dtype=dtype, device=lut.device)[:, None, None]  # (256, 1, 1)
+    colour = lut.to(dtype)[None]  # (1, 256, 3)
+    t = (pixel * (1 - a) + colour * a).round_().clamp_(0, 255).to(torch.uint8)  # (pixel, k, c)
+    table = t.permute(2, 0, 1).reshape(3, 256 * 256).contiguous()
+    _BLEND[key] = (lut, table)  # the LUT is kept alive with its table, so its id is not reused
+    return table
 
 
 def draw_boxes(rgb: Tensor, boxes: Tensor, color: tuple[int, int, int] = (255, 255, 255),
