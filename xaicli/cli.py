@@ -114,7 +114,7 @@ class RichProgress:
         task = self._p.tasks[0]
         speed = task.finished_speed or task.speed
         if speed:
-            self._p.update(self._task, rate=f"{speed:.1f} img/s")
+            self._p.update(self._task, rate=_rate(speed))
 
     def finish(self) -> None:
         if self._p is not None:
@@ -204,10 +204,15 @@ def explain(
         raise typer.Exit(result.exit_code)
 
 
+def _rate(images_per_s: float) -> str:
+    """Throughput as people read it: images per second, or seconds per image below one."""
+    return f"{images_per_s:.1f} img/s" if images_per_s >= 1 else f"{1 / images_per_s:.1f} s/img"
+
+
 def _summary(result: Any) -> None:
     run = result.run
     t = run["timings"]
-    rate = f", {t['images_per_s']:.1f} img/s" if t.get("images_per_s") else ""
+    rate = f", {_rate(t['images_per_s'])}" if t.get("images_per_s") else ""
     merged = result.merged
     ok, failed = (merged.ok, merged.failed) if merged is not None else (result.ok, result.failed)
     err_console.print(
