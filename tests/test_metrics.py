@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from xaicli.cli import app
 from xaicli.methods.base import Batch, Runner
-from xaicli.metrics import get_metric
+from xaicli.metrics import all_metrics, get_metric
 from xaicli.metrics.context import MetricContext, boxes_to_original, build_context
 from xaicli.metrics.faithfulness import (
     DeletionParams,
@@ -388,7 +388,7 @@ def test_max_box_acc_from_maps(tmp_path):
 METRICS_YAML = """
 metrics:
   deletion: {steps: 4, save_curve: true}
-  insertion: {steps: 4}
+  insertion: {steps: 4, save_curve: true}
   drop_increase: {}
   boxes: {thresholds: [0.2, 0.5], draw: true}
   pointing_game: {}
@@ -421,6 +421,8 @@ def test_cli_metrics_end_to_end_and_compare(tmp_path, image_dir, tiny_config):
         has_gt = rec["path"] in sizes
         for e in rec["explanations"]:
             m = e["metrics"]
+            # Every key written is declared by its metric (what `xai check` rules may name).
+            assert set(m) == {k for spec in all_metrics() for k in spec.outputs}
             assert 0 <= m["deletion_auc"] <= 1 and 0 <= m["insertion_auc"] <= 1
             assert len(m["deletion_curve"]) == 5
             assert m["deletion_curve"][0] == pytest.approx(e["target"]["prob"], abs=1e-5)

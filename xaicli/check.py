@@ -47,12 +47,10 @@ Aggregate = Literal["mean", "median", "min", "max", "fraction_true"]
 Kind = Literal["predicted_in", "metric", "failed_images", "sanity", "run"]
 KINDS: tuple[str, ...] = ("predicted_in", "metric", "failed_images", "sanity", "run")
 
-# Per-explanation fields every run writes (docs/architecture.md, scores.jsonl) and the metric keys
-# of the metrics issue: names a rule may use even when the run at hand lacks them.
+# Per-explanation fields every run writes (docs/architecture.md, scores.jsonl); with the keys the
+# registered metrics return, the names a rule may use even when the run at hand lacks them.
 RECORD_FIELDS = ("path", "status", "width", "height", "topk")
 ENTRY_FIELDS = ("method", "layer", "target", "map", "files", "metrics")
-METRIC_KEYS = ("deletion_auc", "insertion_auc", "avg_drop", "increase", "boxes", "pointing_hit", "energy",
-               "box_iou")
 SANITY_MEASURES = {
     "spearman_at_full_randomization": "spearman_abs",
     "signed_spearman_at_full_randomization": "spearman",
@@ -400,7 +398,7 @@ def known_metric_names(records: Sequence[Mapping[str, Any]]) -> set[str]:
     metric names and whatever this run's explanations carry."""
     from .metrics import all_metrics
 
-    names = {*RECORD_FIELDS, *ENTRY_FIELDS, *METRIC_KEYS, *(m.name for m in all_metrics())}
+    names = {*RECORD_FIELDS, *ENTRY_FIELDS, *(k for m in all_metrics() for k in (m.name, *m.outputs))}
     for r in records:
         names.update(r)
         for e in r.get("explanations") or []:

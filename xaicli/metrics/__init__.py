@@ -35,6 +35,7 @@ class MetricSpec:
     cost: Callable[[Any], int]
     context: bool = False  # fn takes a 4th argument: the per-image MetricContext
     ground_truth: bool = False  # needs ground truth (config `ground_truth`); implies context
+    outputs: tuple[str, ...] = ()  # the keys fn may return (scores.jsonl, `xai check` rules)
 
 
 _REGISTRY: dict[str, MetricSpec] = {}
@@ -51,6 +52,7 @@ def register(
     cost: Callable[[Any], int] | None = None,
     context: bool = False,
     ground_truth: bool = False,
+    outputs: tuple[str, ...] = (),
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     if not dataclasses.is_dataclass(params):
         raise TypeError(f"{name}: params must be a dataclass")
@@ -59,7 +61,8 @@ def register(
         if name in _REGISTRY:
             raise RuntimeError(f"metric {name!r} registered twice")
         _REGISTRY[name] = MetricSpec(
-            name, fn, summary, params, cost or (lambda p: 0), context or ground_truth, ground_truth
+            name, fn, summary, params, cost or (lambda p: 0), context or ground_truth, ground_truth,
+            outputs or (name,),
         )
         return fn
 

@@ -136,21 +136,21 @@ def _curve_metric(batch: Batch, maps: Tensor, p: DeletionParams, name: str, inse
 
 
 @register("deletion", summary="RISE deletion AUC: probability as the most salient pixels are removed (lower is better)",
-          params=DeletionParams, cost=lambda p: p.steps + 1)
+          params=DeletionParams, outputs=("deletion_auc", "deletion_curve"), cost=lambda p: p.steps + 1)
 def deletion(batch: Batch, maps: Tensor, p: DeletionParams) -> dict[str, Tensor]:
     """``deletion_auc`` (B,) and, with ``save_curve``, ``deletion_curve`` (B, n+1), which starts at p(x)."""
     return _curve_metric(batch, maps, p, "deletion", insert=False)
 
 
 @register("insertion", summary="RISE insertion AUC: probability as the most salient pixels are restored (higher is better)",
-          params=InsertionParams, cost=lambda p: p.steps + 1)
+          params=InsertionParams, outputs=("insertion_auc", "insertion_curve"), cost=lambda p: p.steps + 1)
 def insertion(batch: Batch, maps: Tensor, p: InsertionParams) -> dict[str, Tensor]:
     """``insertion_auc`` (B,) and, with ``save_curve``, ``insertion_curve`` (B, n+1), which ends at p(x)."""
     return _curve_metric(batch, maps, p, "insertion", insert=True)
 
 
 @register("drop_increase", summary="Grad-CAM++ Average Drop (lower is better) and Increase in Confidence",
-          params=DropIncreaseParams, cost=lambda p: 2)
+          params=DropIncreaseParams, outputs=("avg_drop", "increase"), cost=lambda p: 2)
 def drop_increase(batch: Batch, maps: Tensor, p: DropIncreaseParams) -> dict[str, Tensor]:
     """``avg_drop`` = max(0, p - o) / p and ``increase`` = 1[o > p] (B,), with p the probability of
     the target on x and o on x * map (map in [0, 1], broadcast over channels, normalised space);

@@ -159,7 +159,7 @@ def _to(x: np.ndarray, like: Tensor) -> Tensor:
 
 
 @register("boxes", summary="CAM boxes: largest component above a fraction of the map max, in image pixels",
-          params=BoxesParams, context=True)
+          params=BoxesParams, outputs=("boxes",), context=True)
 def boxes(batch: Batch, maps: Tensor, p: BoxesParams, ctx: MetricContext) -> dict[str, Tensor]:
     """``boxes`` (B, T, 4): one inclusive [x0, y0, x1, y1] per threshold in original pixels, NaN when
     no pixel is above the threshold."""
@@ -169,7 +169,7 @@ def boxes(batch: Batch, maps: Tensor, p: BoxesParams, ctx: MetricContext) -> dic
 
 
 @register("pointing_game", summary="Pointing game: the map's maximum within 15 px of the object (needs ground truth)",
-          params=PointingParams, ground_truth=True)
+          params=PointingParams, outputs=("pointing_hit",), ground_truth=True)
 def pointing_game(batch: Batch, maps: Tensor, p: PointingParams, ctx: MetricContext) -> dict[str, Tensor]:
     """``pointing_hit`` (B,): 1 hit, 0 miss, NaN without ground truth."""
     gt = ctx.gt
@@ -183,7 +183,7 @@ def pointing_game(batch: Batch, maps: Tensor, p: PointingParams, ctx: MetricCont
 
 
 @register("energy", summary="Energy-based pointing game: share of the map's energy inside the object (needs ground truth)",
-          params=EnergyParams, ground_truth=True)
+          params=EnergyParams, outputs=("energy",), ground_truth=True)
 def energy(batch: Batch, maps: Tensor, p: EnergyParams, ctx: MetricContext) -> dict[str, Tensor]:
     """``energy`` (B,) in [0, 1]: sum(map * object) / sum(map) on the non-negative map; NaN
     without ground truth, 0 for an all-zero map."""
@@ -197,7 +197,7 @@ def energy(batch: Batch, maps: Tensor, p: EnergyParams, ctx: MetricContext) -> d
 
 
 @register("box_iou", summary="Best IoU of the map's box with a ground-truth box, and MaxBoxAcc over the run",
-          params=BoxIouParams, ground_truth=True)
+          params=BoxIouParams, outputs=("box_iou", "box_iou_curve"), ground_truth=True)
 def box_iou_metric(batch: Batch, maps: Tensor, p: BoxIouParams, ctx: MetricContext) -> dict[str, Tensor]:
     """``box_iou`` (B,) at ``threshold`` and ``box_iou_curve`` (B, T) on the threshold grid
     (0 when the map has no box there; NaN without ground truth)."""
