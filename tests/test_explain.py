@@ -227,3 +227,14 @@ def test_methods_and_version_commands():
     rows = json.loads(r.output)
     assert {"name": "gradcam", "passes": "1 fwd + 1 bwd"}.items() <= next(x for x in rows if x["name"] == "gradcam").items()
     assert xai("--version").output.startswith("xaicli ")
+
+
+def test_methods_cost_counts_the_configured_layer_channels(tiny_config):
+    cfg = tiny_config("scorecam", "methods:\n  smoothgrad: {samples: 8}\n")
+    without = {r["name"]: r["passes"] for r in json.loads(xai("methods", "--json").output)}
+    assert without["scorecam"] == "1 + C (channels) fwd" and without["smoothgrad"] == "51 fwd + 50 bwd"
+    r = xai("methods", "-c", str(cfg), "--json")
+    assert r.exit_code == 0, r.output
+    rows = {r["name"]: r["passes"] for r in json.loads(r.output)}
+    # GapNet's `features` ends with 16 channels: one forward per channel plus the shared one.
+    assert rows["scorecam"] == "17 fwd" and rows["smoothgrad"] == "9 fwd + 8 bwd"

@@ -256,16 +256,7 @@ def _print_comparison(runs: list[Path], as_json: bool) -> None:
     if as_json:
         console.print_json(json.dumps(result))
         return
-    from rich.measure import Measurement
-
-    table = comparison_table(result)
-    # Never squeeze the numbers: a table wider than the console is printed at its natural width.
-    width = console.width
-    console.width = max(width, Measurement.get(console, console.options.update_width(10_000), table).maximum)
-    try:
-        console.print(table)
-    finally:
-        console.width = width
+    _print_wide(comparison_table(result))
     for note in result["notes"]:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False)
 
@@ -300,7 +291,11 @@ def methods(
     config: ConfigOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """List every method: family, gradients, cost in passes per image for the configured knobs."""
+    """List every method: family, gradients, cost in passes per image for the configured knobs.
+
+    With --config the model is built (on the CPU) so that costs that depend on the target layer's
+    channels (Score-CAM) are counted for it.
+    """
     with user_errors():
         import json
 
@@ -310,6 +305,7 @@ def methods(
         from .methods import all_methods
 
         cfg = load_config(config) if config else Config()
+        channels = _layer_channels(cfg) if config else None
         rows = []
         for spec in all_methods():
             params = cfg.method_params(spec.name)
@@ -319,20 +315,49 @@ def methods(
                 "gradients": spec.needs_grad,
                 "space": spec.space,
                 "signed": spec.signed,
-                "passes": spec.cost_text(params, None),
+                "passes": spec.cost_text(params, channels),
                 "summary": spec.summary,
                 "aliases": list(spec.aliases),
             })
         if as_json:
             console.print_json(json.dumps(rows))
             return
-        table = Table(title="xai methods", show_lines=False)
+        title = "xai methods" + (f" (target layer: {channels} channels)" if channels else "")
+        table = Table(title=title, show_lines=False)
         for col in ("name", "family", "gradients", "map", "passes / image", "summary"):
             table.add_column(col, overflow="fold")
         for r in rows:
             table.add_row(r["name"], r["family"], "yes" if r["gradients"] else "no",
                           f"{r['space']}{', signed' if r['signed'] else ''}", r["passes"], r["summary"])
+        _print_wide(table)
+
+
+def _print_wide(table: Any) -> None:
+    """Print a table; into a pipe or a CI log (no terminal width) at its natural width, never
+    squeezing names and numbers into folded cells."""
+    from rich.measure import Measurement
+
+    if console.is_terminal:
         console.print(table)
+        return
+    width = console.width
+    console.width = max(width, Measurement.get(console, console.options.update_width(10_000), table).maximum)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
+
+
+def _layer_channels(cfg: Any) -> int | None:
+    """Channels of the config's target layer (the model built on the CPU, one dummy forward)."""
+    import dataclasses
+
+    import torch
+
+    from .engine import setup
+
+    st = setup(dataclasses.replace(cfg, method=("gradcam",), metrics={}), torch.device("cpu"))
+    return int(st.layer_shape[0]) if st.layer_shape else None
 
 
 @app.command()
