@@ -444,7 +444,7 @@ def sanity(
         if as_json:
             console.print_json(json.dumps(res.report))
         else:
-            console.print(table(res.report))
+            _print_wide(table(res.report))
             for line in verdict_lines(res.report):
                 console.print(line, highlight=False, soft_wrap=True)
         raise typer.Exit(1 if res.failed_methods else 0)
@@ -478,7 +478,7 @@ def check(
                         progress=RichProgress(quiet), sanity_progress=lambda: RichProgress(quiet), argv=sys.argv)
         if junit is not None:
             atomic_write(junit, junit_xml(res.outcomes, time_s=res.seconds))
-        console.print(table(res.outcomes, title=f"xai check: {expect.name}"))
+        _print_wide(table(res.outcomes, title=f"xai check: {expect.name}"))
         n_fail = sum(1 for o in res.outcomes if not o.passed)
         console.print(f"[bold {'red' if n_fail else 'green'}]{len(res.outcomes) - n_fail} of {len(res.outcomes)} "
                       "rules passed[/]", highlight=False)
