@@ -488,8 +488,9 @@ def check(
 def main() -> None:
     """Console-script entry point."""
     # OpenMP threads that spin while they wait take the cores the loader workers, the writer
-    # threads and other processes need: 2.2x slower end to end on a busy 2-core machine, and a
-    # 10x slower forward (docs/performance.md). Set before torch loads OpenMP; the user's value wins.
+    # threads and other processes need (about 2x slower end to end on a busy 2-core machine; no
+    # difference in memory on a quiet one: docs/performance.md). Set before torch loads OpenMP;
+    # the user's value wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         app()
