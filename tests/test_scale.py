@@ -19,14 +19,16 @@ from typer.testing import CliRunner
 from tests.conftest import ROOT, write_images
 from tests.nets import GapNet
 from xaicli import engine, shards
+from xaicli import run as folder_run
 from xaicli.cli import app
 from xaicli.config import TargetConfig, load_config
-from xaicli.engine import Explainer, run_explain
+from xaicli.engine import Explainer
 from xaicli.errors import ConfigError, OutputError
 from xaicli.layers import resolve_layer
 from xaicli.methods import get_method
 from xaicli.methods.base import Runner
 from xaicli.outputs import SCORES, ScoresFile, drop_torn_tail, read_scores
+from xaicli.run import run_explain
 
 N_IMAGES = 9
 
@@ -263,7 +265,7 @@ def test_resume_recomputes_only_the_torn_and_the_incomplete(cfg, folder: Path, t
 
 
 def _interrupt_after(monkeypatch, batches: int) -> None:
-    original = engine._explain_and_write
+    original = folder_run._explain_batch
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -272,7 +274,7 @@ def _interrupt_after(monkeypatch, batches: int) -> None:
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "_explain_and_write", flaky)
+    monkeypatch.setattr(folder_run, "_explain_batch", flaky)
 
 
 def test_resume_after_an_interrupted_run(cfg, folder: Path, tmp_path: Path, reference: Path,

@@ -7,11 +7,12 @@ from typing import Any
 from torch import Tensor, nn
 
 from .capture import eval_mode
-from .config import TargetConfig, build_dataclass, parse_target
+from .config import TargetConfig, parse_target
 from .engine import Explainer, autocast_factory
 from .layers import auto_layer, resolve_layer
 from .methods import get_method
 from .methods.base import PixelSpace, Runner
+from .plan import method_params
 
 
 def explain_tensor(
@@ -35,7 +36,7 @@ def explain_tensor(
     baselines and noise ranges of the gradient methods (a black image, uniform noise) use it.
     """
     spec = get_method(method)
-    p = build_dataclass(spec.params, params or {}, f"methods.{spec.name}")
+    p = method_params(spec, params)
     tgt = target if isinstance(target, TargetConfig) else parse_target(target)
     ref = None
     if spec.needs_layer:

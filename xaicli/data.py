@@ -163,15 +163,52 @@ class ImageFolder(Dataset[dict[str, Any]]):
         return item
 
 
-def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+@dataclass
+class LoadFailure:
+    """An image of the batch that could not be read or preprocessed."""
+
+    rel: str
+    index: int
+    kind: str  # decode, unsupported, empty, unreadable, too_large, preprocess
+    message: str
+
+
+@dataclass
+class LoadedBatch:
+    """What the loader hands the run: the images that loaded (model inputs and originals) and
+    the ones that did not."""
+
+    x: Tensor | None  # (B, 3, h, w) model inputs; None when no image of the batch loaded
+    images: list[Tensor]  # uint8 (3, H, W) originals
+    rels: list[str]
+    indices: list[int]
+    errors: list[LoadFailure]
+
+    @property
+    def size(self) -> int:
+        return len(self.rels)
+
+    def select(self, sl: slice) -> LoadedBatch:
+        """The loaded images ``sl`` (a sub-batch), without the failures."""
+        assert self.x is not None
+        return LoadedBatch(self.x[sl], self.images[sl], self.rels[sl], self.indices[sl], [])
+
+    def pin_memory(self) -> LoadedBatch:
+        """Called by the DataLoader's pinning thread (CUDA): page-locked copies for async transfers."""
+        x = self.x.pin_memory() if self.x is not None else None
+        return LoadedBatch(x, [im.pin_memory() for im in self.images], self.rels, self.indices, self.errors)
+
+
+def collate(items: list[dict[str, Any]]) -> LoadedBatch:
     ok = [it for it in items if it["ok"]]
-    return {
-        "x": torch.stack([it["x"] for it in ok]) if ok else None,
-        "images": [it["image"] for it in ok],
-        "rels": [it["rel"] for it in ok],
-        "indices": [it["index"] for it in ok],
-        "errors": [{"rel": it["rel"], "index": it["index"], "error": it["error"]} for it in items if not it["ok"]],
-    }
+    return LoadedBatch(
+        x=torch.stack([it["x"] for it in ok]) if ok else None,
+        images=[it["image"] for it in ok],
+        rels=[it["rel"] for it in ok],
+        indices=[it["index"] for it in ok],
+        errors=[LoadFailure(it["rel"], it["index"], it["error"]["type"], it["error"]["message"])
+                for it in items if not it["ok"]],
+    )
 
 
 def worker_init(_: int) -> None:

@@ -1,23 +1,80 @@
-"""Everything written under --out: atomic files (temporary name, then ``os.replace``), a thread
-pool that encodes and writes while the next batch computes, and scores.jsonl whose line for an
-image is appended only after all of that image's files exist."""
+"""Everything written under --out: the folder's layout (names below), atomic files (temporary
+name, then ``os.replace``), a thread pool that encodes and writes while the next batch computes,
+and scores.jsonl whose line for an image is appended only after all of that image's files exist.
+
+Layout of a run folder::
+
+    scores.jsonl        one record per image (xaicli/records.py), sorted by path at the end
+    run.json            the run's manifest
+    overlays/<stem>.<method>[.topK].<png|jpg>
+    maps/<stem>.<method>[.topK].npy       (--save-maps)
+    parts/scores.I-of-N.jsonl, parts/run.I-of-N.json   (a sharded run until it is merged)
+"""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import shutil
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .errors import OutputError
+
 SCORES = "scores.jsonl"
 RUN = "run.json"
+OVERLAYS = "overlays"
+MAPS = "maps"
+PARTS = "parts"
+
+
+def overlay_file(stem: str, suffix: str, fmt: str) -> str:
+    """Where an overlay goes, relative to the run folder."""
+    return f"{OVERLAYS}/{stem}{suffix}.{fmt}"
+
+
+def map_file(stem: str, suffix: str) -> str:
+    return f"{MAPS}/{stem}{suffix}.npy"
+
+
+def prepare_out_dir(out: Path, input_path: Path, *, resume: bool, overwrite: bool, own: Sequence[Path] = (),
+                    clear: bool = True) -> None:
+    """Create --out; refuse to mix with an earlier run unless --resume or --overwrite is given.
+    The input is never modified: --out may not be the input folder or lie above it. ``own``: the
+    files that mark an earlier run of this process besides the merged ones (a part's own files;
+    the other parts may be running). ``clear`` False leaves the deleting of --overwrite to another
+    process (torchrun's rank 0)."""
+    inp = input_path.resolve()
+    o = out.resolve()
+    if o == inp or o in inp.parents:
+        raise OutputError(
+            f"--out {out} contains the input {input_path}", "write results to a folder beside or inside the input"
+        )
+    if o.exists() and not o.is_dir():
+        raise OutputError(f"--out {out} exists and is not a folder")
+    existing = (o / SCORES).exists() or (o / RUN).exists() or any(p.exists() for p in own)
+    if existing and not (resume or overwrite):
+        raise OutputError(
+            f"--out {out} already holds a run (scores.jsonl / run.json)",
+            "add --resume to continue it, --overwrite to replace it, or choose another folder",
+        )
+    try:
+        o.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"--out {out}: cannot create the folder: {e.strerror or e}") from None
+    if overwrite and not resume and clear:
+        for name in (SCORES, RUN):
+            (o / name).unlink(missing_ok=True)
+        for sub in (OVERLAYS, MAPS, PARTS):
+            if (o / sub).is_dir():
+                shutil.rmtree(o / sub)
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -8,6 +8,8 @@ for jet) to 1 (high end, red); signed maps are rendered with a diverging colorma
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
 from typing import Literal
 
@@ -159,6 +161,44 @@ def _blend_table(lut: Tensor, alpha: float, dtype: torch.dtype) -> Tensor:
     table = t.permute(2, 0, 1).reshape(3, 256 * 256).contiguous()
     _BLEND[key] = (lut, table)  # the LUT is kept alive with its table, so its id is not reused
     return table
+
+
+@dataclass(frozen=True)
+class Palette:
+    """How a run colours its maps: the colour tables (on the device) for unsigned and for
+    diverging maps, and the blend's alpha."""
+
+    unsigned: Tensor
+    diverging: Tensor
+    alpha: float
+
+    @staticmethod
+    def of(colormap_name: str, diverging_name: str, alpha: float, device: torch.device) -> Palette:
+        return Palette(colormap(colormap_name, device), colormap(diverging_name, device), alpha)
+
+
+def compose(images: Sequence[Tensor], maps: Tensor, windows: Sequence[tuple[float, float, float, float]],
+            palette: Palette, *, signed: bool, boxes: Tensor | None = None,
+            overlays: bool = True) -> tuple[list[np.ndarray | None], list[int]]:
+    """Each normalised map of ``maps`` (B, h, w) placed in its image's frame (``windows``, see
+    :func:`place`): the overlay as uint8 (H, W, 3) on the host, with ``boxes`` (B, T, 4) outlined
+    when given (None when ``overlays`` is off), and the flat index of the map's peak (of |map|
+    when ``signed``) in the image. On CUDA the copies to the host are queued, not waited for: the
+    caller synchronises once before it reads the arrays."""
+    out: list[np.ndarray | None] = []
+    peaks = []
+    lut = palette.diverging if signed else palette.unsigned
+    for i, img in enumerate(images):
+        placed, mask = place(maps[i], int(img.shape[1]), int(img.shape[2]), windows[i])
+        peaks.append(placed.abs().flatten().argmax() if signed else placed.flatten().argmax())
+        if not overlays:
+            out.append(None)
+            continue
+        ov = overlay(img, placed, lut, palette.alpha, signed=signed, mask=mask)
+        if boxes is not None:
+            ov = draw_boxes(ov, boxes[i].reshape(-1, 4))
+        out.append(ov.to("cpu", non_blocking=img.device.type == "cuda").numpy())
+    return out, torch.stack(peaks).cpu().tolist()
 
 
 def draw_boxes(rgb: Tensor, boxes: Tensor, color: tuple[int, int, int] = (255, 255, 255),

@@ -20,19 +20,20 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from .config import SCHEMA_VERSION
+if TYPE_CHECKING:
+    import torch
+
 from .errors import ConfigError, OutputError
-from .outputs import RUN, SCORES, atomic_write, dumps_line, read_scores, write_json
+from .outputs import PARTS, RUN, SCORES, atomic_write, dumps_line, read_scores, write_json
+from .records import merged_manifest, read_json, record_files
 
-PARTS = "parts"
 LOCK = ".xai-merge.lock"
 _PART_RE = re.compile(r"^(scores|run)\.(\d+)-of-(\d+)\.(jsonl|json)$")
 # How long a rank waits at the final barrier for the slowest one (a long run may be unbalanced).
@@ -142,8 +143,7 @@ def done_images(out: Path) -> dict[str, dict[str, Any]]:
     for path, r in collect_records(out).items():
         if r.get("status") != "ok":
             continue
-        files = [f for e in r.get("explanations", []) for f in (e.get("files") or {}).values() if f]
-        if all((out / f).is_file() for f in files):
+        if all((out / f).is_file() for f in record_files(r)):
             done[path] = r
     return done
 
@@ -175,34 +175,6 @@ def finalize_unsharded(out: Path) -> list[dict[str, Any]]:
 # Merging run.json
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    import json
-
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
-def part_summary(run: dict[str, Any]) -> dict[str, Any]:
-    """What run.json keeps of one part: where and how fast it ran, what it did."""
-    part = run.get("part") or {}
-    return {
-        "part": part.get("label"),
-        "index": part.get("index"),
-        "count": part.get("count"),
-        "rank": part.get("rank"),
-        "host": run.get("host"),
-        "device": run.get("device"),
-        "started": run.get("started"),
-        "finished": run.get("finished"),
-        "counts": run.get("counts"),
-        "timings": run.get("timings"),
-        "peak_gpu_memory_mb": run.get("peak_gpu_memory_mb"),
-    }
-
-
 @dataclass
 class MergeResult:
     run: dict[str, Any]
@@ -215,8 +187,8 @@ class MergeResult:
 
 def _finished(out: Path, run_parts: dict[Part, Path]) -> tuple[set[Part], dict[Part, dict[str, Any]], dict | None]:
     """Parts known to have finished: a run part on disk, or one recorded by an earlier merge."""
-    runs = {p: r for p, path in sorted(run_parts.items()) if (r := _read_json(path)) is not None}
-    prev = _read_json(out / RUN)
+    runs = {p: r for p, path in sorted(run_parts.items()) if (r := read_json(path)) is not None}
+    prev = read_json(out / RUN)
     done = set(runs)
     for s in (prev or {}).get("parts") or []:
         if isinstance(s, dict) and isinstance(s.get("index"), int) and isinstance(s.get("count"), int):
@@ -235,7 +207,6 @@ def merge_parts(out: Path, *, layout: int | None = None, partial: bool = False) 
     otherwise); without it (``xai merge``) some layout must be complete unless ``partial``.
     Returns None when there was nothing to merge or the layout is not complete yet.
     """
-    from .errors import EXIT_OK, EXIT_PARTIAL
     from .metrics.summary import aggregate
 
     if not out.is_dir():
@@ -258,65 +229,18 @@ def merge_parts(out: Path, *, layout: int | None = None, partial: bool = False) 
             "`xai merge --partial`",
         )
 
-    records = collect_records(out)
-    ordered = write_scores(out, records)
-    failures = [{"path": r["path"], "error": r.get("error")} for r in ordered if r.get("status") != "ok"]
-    ok = len(ordered) - len(failures)
-    exit_code = EXIT_OK if not failures else EXIT_PARTIAL
-
+    ordered = write_scores(out, collect_records(out))
     new = [runs[p] for p in sorted(runs)]
-    base = dict(new[0] if new else (prev or {"schema_version": SCHEMA_VERSION}))
     kept = [s for s in (prev or {}).get("parts") or []
             if isinstance(s, dict) and Part(s.get("index", -1), s.get("count", 0)) not in runs]
-    summaries = kept + [part_summary(r) for r in new]
-
-    def total(key: str) -> int:
-        return sum(int((r.get("counts") or {}).get(key) or 0) for r in new)
-
-    def most(key: str) -> float | None:
-        vals = [float((r.get("timings") or {}).get(key)) for r in new if (r.get("timings") or {}).get(key) is not None]
-        return round(max(vals), 3) if vals else None
-
-    processed = total("processed")
-    run_s = most("run_s")
-    peaks = [float(r["peak_gpu_memory_mb"]) for r in new if r.get("peak_gpu_memory_mb") is not None]
-    started = [str(r["started"]) for r in new if r.get("started")]
-    ended = [str(r["finished"]) for r in new if r.get("finished")]
-    counts = dict(base.get("counts") or {})
-    counts.update({
-        "shard": None,
-        "processed": processed,
-        "ok": ok,
-        "failed": len(failures),
-        "skipped_done": total("skipped_done"),
-        "records": len(ordered),
-        "parts": len(summaries),
-    })
-    base.update({
-        "started": min(started) if started else base.get("started"),
-        "finished": max(ended) if ended else base.get("finished"),
-        "counts": counts,
-        "shard": None,
-        "part": None,
-        "timings": {
-            "load_s": most("load_s"),
-            "run_s": run_s,
-            "images_per_s": round(processed / run_s, 3) if run_s else None,
-            "images_per_s_by_part": [(r.get("timings") or {}).get("images_per_s") for r in new],
-        },
-        "peak_gpu_memory_mb": max(peaks) if peaks else base.get("peak_gpu_memory_mb"),
-        "devices": [
-            {"part": s.get("part"), "host": s.get("host"), **(s.get("device") or {})} for s in summaries
-        ],
-        "parts": summaries,
-        "failures": failures,
-        "exit_code": exit_code,
-        "aggregates": aggregate(ordered),
-    })
+    base = merged_manifest(new, prev, kept, ordered)
+    base["aggregates"] = aggregate(ordered)
     write_json(out / RUN, base)
     merged = [*score_parts.values(), *run_parts.values()]
     remove_parts(out, merged)
-    return MergeResult(base, len(ordered), ok, len(failures), exit_code, sorted(p.label for p in {*score_parts, *runs}))
+    failed = len(base["failures"])
+    return MergeResult(base, len(ordered), len(ordered) - failed, failed, base["exit_code"],
+                       sorted(p.label for p in {*score_parts, *runs}))
 
 
 @contextmanager
@@ -349,6 +273,119 @@ def merge_if_complete(out: Path, part: Part) -> tuple[MergeResult | None, list[P
         if missing:
             return None, missing
         return merge_parts(out, layout=part.count), []
+
+
+# --------------------------------------------------------------------------------------------
+# The layout of one process's share of a run
+
+T = TypeVar("T")
+
+
+@dataclass
+class Finish:
+    """How a process's share of a run ended. ``complete``: this process wrote the whole run's
+    scores.jsonl and run.json (unsharded, or it merged the parts); ``run`` is then the whole run's
+    manifest, else its part's."""
+
+    run: dict[str, Any]
+    exit_code: int
+    merged: MergeResult | None = None
+    pending: list[str] = field(default_factory=list)  # parts of the layout still running
+    complete: bool = False
+
+
+@dataclass
+class Layout:
+    """Where one process's share of a run goes: the whole run (``Layout(out)``), or one part of a
+    run split by ``--shard`` and/or torchrun. The one place that knows the difference: which images
+    this process takes, which files it writes, and how the run finishes (merging the parts)."""
+
+    out: Path
+    part: Part | None = None
+    dist: DistEnv | None = None
+    group: Group | None = None
+
+    @staticmethod
+    def for_process(out: Path, shard: tuple[int, int] | None) -> Layout:
+        """The layout of this process: ``--shard I/N`` and the torchrun environment, if any."""
+        dist = dist_env()
+        return Layout(out, part_for(shard, dist), dist)
+
+    def select(self, entries: Sequence[T]) -> list[T]:
+        """This process's share of the sorted image list."""
+        return list(entries[self.part.index :: self.part.count]) if self.part is not None else list(entries)
+
+    @contextmanager
+    def joined(self) -> Iterator[Layout]:
+        """Inside, a torchrun process belongs to the job's process group (barriers, exit codes)."""
+        self.group = Group(self.dist) if self.dist is not None else None
+        try:
+            yield self
+        finally:
+            if self.group is not None:
+                self.group.close()
+            self.group = None
+
+    @property
+    def is_main(self) -> bool:
+        """The process that clears an --overwrite and merges under torchrun (every process alone)."""
+        return self.group is None or self.group.is_main
+
+    def barrier(self) -> None:
+        if self.group is not None:
+            self.group.barrier()
+
+    def device(self, device: torch.device) -> torch.device:
+        """Under torchrun each process takes the GPU of its local rank."""
+        import torch
+
+        if self.dist is not None and device.type == "cuda":
+            device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(device)
+        return device
+
+    @property
+    def scores_path(self) -> Path:
+        return self.part.scores_path(self.out) if self.part is not None else self.out / SCORES
+
+    def own_files(self) -> list[Path]:
+        """Files besides the merged ones that mark an earlier run of this part."""
+        return [self.part.scores_path(self.out), self.part.run_path(self.out)] if self.part is not None else []
+
+    def done(self) -> dict[str, dict[str, Any]]:
+        """Images already complete in the folder (for --resume)."""
+        return done_images(self.out)
+
+    def seal(self) -> list[dict[str, Any]]:
+        """The records of this process's share once its writing is over: unsharded, scores.jsonl
+        sorted (with any parts an earlier sharded run left, which it absorbs); a part, its file."""
+        if self.part is not None:
+            return read_scores(self.scores_path)
+        return finalize_unsharded(self.out)
+
+    def describe(self) -> dict[str, Any] | None:
+        """The ``part`` entry of run.json."""
+        if self.part is None:
+            return None
+        return {"label": self.part.label, "index": self.part.index, "count": self.part.count,
+                "rank": self.dist.rank if self.dist else None, "world_size": self.dist.world if self.dist else None}
+
+    def finish(self, run: dict[str, Any]) -> Finish:
+        """Write this share's run.json; a part then merges the layout if it is the last to finish
+        (under torchrun, rank 0 after a barrier, and every rank gets the merged exit code)."""
+        if self.part is None:
+            write_json(self.out / RUN, run)
+            return Finish(run, run["exit_code"], complete=True)
+        write_json(self.part.run_path(self.out), run)
+        if self.group is not None:
+            self.group.barrier()
+            merged, pending = merge_if_complete(self.out, self.part) if self.group.is_main else (None, [])
+            code = self.group.broadcast(merged.exit_code if merged is not None else run["exit_code"])
+        else:
+            merged, pending = merge_if_complete(self.out, self.part)
+            code = merged.exit_code if merged is not None else run["exit_code"]
+        whole = merged.run if merged is not None else run
+        return Finish(whole, code, merged, [p.label for p in pending], complete=merged is not None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,7 +438,3 @@ class Group:
         if self.owned and dist.is_initialized():
             dist.destroy_process_group()
         self.owned = False
-
-
-def host() -> str:
-    return socket.gethostname()

@@ -27,25 +27,33 @@ def chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + size))
 
 
+def split_on_oom(fn: Callable[[slice], None], n: int, size: int) -> int:
+    """Call ``fn`` on consecutive slices of ``range(n)`` of at most ``size`` items. On a device
+    out-of-memory error a slice of several items is halved and retried; one of a single item
+    re-raises. Returns the slice size that worked last (callers keep it for their next call)."""
+    start, size = 0, max(1, size)
+    while start < n:
+        sl = slice(start, min(n, start + size))
+        try:
+            fn(sl)
+        except Exception as e:
+            if not is_oom(e) or sl.stop - sl.start == 1:
+                raise
+            size = max(1, (sl.stop - sl.start) // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        start = sl.stop
+    return size
+
+
 def run_chunked(fn: Callable[[slice], Tensor], n: int, budget: int) -> Tensor:
     """Apply ``fn`` to slices of ``range(n)`` of at most ``budget`` items and concatenate.
 
     On a device out-of-memory error the slice is halved and retried, down to one item.
     """
     outs: list[Tensor] = []
-    start, size = 0, max(1, budget)
-    while start < n:
-        sl = slice(start, min(n, start + size))
-        try:
-            outs.append(fn(sl))
-        except Exception as e:
-            if not is_oom(e) or size == 1:
-                raise
-            size = max(1, size // 2)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            continue
-        start = sl.stop
+    split_on_oom(lambda sl: outs.append(fn(sl)), n, budget)
     return torch.cat(outs) if outs else torch.empty(0)
 
 

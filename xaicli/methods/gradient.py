@@ -15,13 +15,11 @@ instead of returning a map that silently mixes the rules.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -29,15 +27,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from ..config import non_negative, positive
+from ..config import IMAGE_FILE, non_negative, positive
 from ..errors import ConfigError, MethodError
 from ..render import reduce_channels
 from . import register
 from .base import Batch, MethodOutput
 from .cam import CamParams, gradcam
-
-if TYPE_CHECKING:
-    from ..preprocess import Preprocess
 
 Render = Literal["diverging", "magnitude", "positive"]
 ChannelReduce = Literal["max_abs", "sum", "mean", "l2"]
@@ -393,13 +388,14 @@ def quadrature(rule: str, steps: int) -> tuple[tuple[float, ...], tuple[float, .
 @dataclass(frozen=True)
 class IGParams:
     baseline: Literal["black", "blurred", "uniform", "image"] = "black"
-    image: str | None = None  # baseline: image: a path, loaded and preprocessed once at setup
+    # baseline: image: a path, decoded and preprocessed once at setup into image_tensor (plan.prepare)
+    image: str | None = field(default=None, metadata={IMAGE_FILE: "image_tensor"})
     steps: int = field(default=50, metadata={"check": positive})
     rule: QuadRule = "gausslegendre"  # the quadrature along the path (Captum's default too)
     blur_sigma: float = field(default=10.0, metadata={"check": positive})  # baseline blurred: std in input pixels
     render: Render = "diverging"
     reduce: ChannelReduce = "sum"  # sum over channels keeps completeness for the map
-    # The baseline image as a model input (C, H, W): filled by prepare() from ``image``, or given
+    # The baseline image as a model input (C, H, W): filled at setup from ``image``, or given
     # directly from Python (explain_tensor params={"baseline": "image", "image_tensor": t}).
     image_tensor: Tensor | None = field(default=None, repr=False, compare=False)
 
@@ -413,18 +409,6 @@ class IGParams:
             )
         if self.rule == "riemann_trapezoid" and self.steps < 2:
             raise ConfigError(f"{key}.steps: the trapezoid rule needs at least 2 steps, got {self.steps}")
-
-    def prepare(self, preprocess: Preprocess) -> IGParams:
-        """Read the baseline image (at setup, once): decoded and preprocessed like the inputs."""
-        if self.baseline != "image" or self.image_tensor is not None or self.image is None:
-            return self
-        from ..data import DecodeError, decode_image
-
-        try:
-            img = decode_image(Path(self.image).expanduser())
-        except DecodeError as e:
-            raise ConfigError(f"methods.integrated_gradients.image: {self.image}: {e.message}") from None
-        return dataclasses.replace(self, image_tensor=preprocess(img))
 
 
 def gaussian_blur(x: Tensor, sigma: float) -> Tensor:

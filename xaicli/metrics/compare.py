@@ -7,13 +7,10 @@ rows score the same images; each (run, method) becomes a row of metric means ± 
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..outputs import RUN, SCORES, read_scores
+from ..records import RunFolder, ok_records
 from .summary import aggregate
 
 # Direction of "better" for the known per-image and run-level values.
@@ -24,42 +21,21 @@ _ORDER = ["deletion_auc", "insertion_auc", "avg_drop", "increase", "pointing_hit
 RUN_LEVEL = ("max_box_acc", "max_box_acc_v2")
 
 
-@dataclass
-class RunScores:
-    path: Path
-    run: dict[str, Any]  # run.json ({} when missing)
-    records: list[dict[str, Any]]
-
-
-def load_run(path: str | Path) -> RunScores:
-    p = Path(path)
-    scores = p / SCORES
-    if not scores.is_file():
-        raise InputError(f"{p} is not a run folder: no {SCORES}", "pass folders written by `xai explain --out`")
-    run: dict[str, Any] = {}
-    if (p / RUN).is_file():
-        try:
-            run = json.loads((p / RUN).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            run = {}
-    return RunScores(p, run, read_scores(scores))
-
-
 def _metric_keys(records: list[dict[str, Any]]) -> set[str]:
     keys = set()
-    for r in records:
-        for e in r.get("explanations", []) if r.get("status") == "ok" else []:
+    for r in ok_records(records):
+        for e in r.get("explanations", []):
             for k, v in (e.get("metrics") or {}).items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     keys.add(k)
     return keys
 
 
-def compare_runs(runs: list[RunScores]) -> dict[str, Any]:
+def compare_runs(runs: list[RunFolder]) -> dict[str, Any]:
     """A JSON-ready comparison: the common images, the metric columns and one row per run and method."""
     if not runs:
         raise InputError("no run folders given", "pass one or more folders written by `xai explain --out`")
-    ok_sets = [{r["path"] for r in run.records if r.get("status") == "ok"} for run in runs]
+    ok_sets = [{r["path"] for r in ok_records(run.records)} for run in runs]
     common = set.intersection(*ok_sets)
     union = set.union(*ok_sets)
     if not common:
@@ -72,17 +48,18 @@ def compare_runs(runs: list[RunScores]) -> dict[str, Any]:
         notes.append(f"{len(union) - len(common)} image(s) not successful in every run were left out")
     params: dict[str, dict[str, Any]] = {}
     for run in runs:
-        for m in run.run.get("metrics") or []:
+        for m in (run.run or {}).get("metrics") or []:
             prev = params.setdefault(m["name"], m.get("params") or {})
             if prev != (m.get("params") or {}):
                 notes.append(f"metric {m['name']!r} has different parameters in different runs")
     keys: set[str] = set()
     rows = []
     for run in runs:
-        records = [r for r in run.records if r.get("status") == "ok" and r["path"] in common]
+        records = [r for r in ok_records(run.records) if r["path"] in common]
         keys |= _metric_keys(records)
-        agg = aggregate(records, run.run.get("metrics"))
-        order = [m["name"] for m in run.run.get("methods") or []]
+        manifest = run.run or {}
+        agg = aggregate(records, manifest.get("metrics"))
+        order = [m["name"] for m in manifest.get("methods") or []]
         for r in records:
             for e in r.get("explanations", []):
                 if e["method"] not in order:

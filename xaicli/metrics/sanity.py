@@ -252,22 +252,6 @@ class CascadeResult:
         return float(self.scores[method][measure][step].mean())
 
 
-def _resolve_methods(methods: Sequence[Any]) -> list[tuple[MethodSpec, Any]]:
-    from ..config import build_dataclass
-    from ..methods import get_method
-
-    out = []
-    for m in methods:
-        if isinstance(m, tuple):
-            out.append(m)
-        elif isinstance(m, MethodSpec):
-            out.append((m, m.params()))
-        else:
-            spec = get_method(str(m))
-            out.append((spec, build_dataclass(spec.params, {}, f"methods.{spec.name}")))
-    return out
-
-
 def _layer_in(model: nn.Module, clone: nn.Module, layer: LayerRef | None) -> LayerRef | None:
     """The layer of ``clone`` at the place ``layer`` has in ``model``."""
     if layer is None:
@@ -299,8 +283,9 @@ def cascade(
     16). ``model`` is left exactly as it was; the randomised model is a deep copy.
     """
     from ..layers import resolve_layer
+    from ..plan import method_pairs
 
-    pairs = _resolve_methods(methods)
+    pairs = method_pairs(methods)
     device = next((p.device for p in model.parameters()), x.device)
     runner = runner or Runner(model=model, budget=16)
     if isinstance(layer, str):

@@ -12,6 +12,8 @@ import math
 from collections import defaultdict
 from typing import Any
 
+from ..records import ENTRY_FIELDS
+
 
 def _numbers(entry: dict[str, Any]) -> dict[str, float]:
     """Numeric per-explanation values worth aggregating: metrics and method extras."""
@@ -20,7 +22,7 @@ def _numbers(entry: dict[str, Any]) -> dict[str, float]:
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
             out[k] = float(v)
     for k, v in entry.items():
-        if k in ("method", "layer", "target", "map", "files", "metrics"):
+        if k in ENTRY_FIELDS:
             continue
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
             out[k] = float(v)

@@ -1,0 +1,311 @@
+"""What a run writes about itself: the scores.jsonl record of each image and the run.json
+manifest, as typed definitions, the functions that build them, and the one reader of a run folder
+(`xai check`, `xai compare`, `xai merge` and reports read runs through it).
+
+scores.jsonl holds one :class:`ImageRecord` (or :class:`ErrorRecord`) per line, sorted by path at
+the end of a run. run.json is a :class:`RunManifest`. Both are plain JSON; the TypedDicts below are
+their schema and the field lists other modules use come from them.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypedDict
+
+import numpy as np
+
+from .errors import EXIT_OK, EXIT_PARTIAL, InputError
+from .outputs import RUN, SCORES, read_scores
+
+SCHEMA_VERSION = 1  # of run.json
+
+# --------------------------------------------------------------------------------------------
+# scores.jsonl
+
+
+class ErrorInfo(TypedDict):
+    type: str  # decode, unsupported, empty, unreadable, too_large, preprocess, explain, write
+    message: str
+
+
+class Prediction(TypedDict):
+    index: int
+    label: str
+    prob: float
+
+
+class Target(TypedDict):
+    index: int
+    label: str
+    prob: float
+    rank: int  # 1 = the prediction
+
+
+class MapStats(TypedDict):
+    shape: list[int]  # the raw map's (h, w)
+    min: float
+    max: float
+    mean: float
+    peak: list[int]  # (x, y) of the maximum (of |map| when diverging) in original image pixels
+
+
+class Files(TypedDict):
+    overlay: str | None  # relative to the run folder
+    map: str | None
+
+
+class Explanation(TypedDict, total=False):
+    """One method's map of one target. Besides these keys an entry carries the method's own
+    per-image values (e.g. ``completeness_gap``) at the top level."""
+
+    method: str
+    layer: str | None
+    target: Target
+    map: MapStats
+    files: Files
+    metrics: dict[str, Any]  # per-image metric values (numbers, lists, null)
+
+
+class ImageRecord(TypedDict):
+    path: str  # relative to the input root, POSIX
+    status: str  # "ok"
+    error: None
+    width: int
+    height: int
+    topk: list[Prediction]
+    explanations: list[Explanation]
+
+
+class ErrorRecord(TypedDict):
+    path: str
+    status: str  # "error"
+    error: ErrorInfo
+
+
+RECORD_FIELDS: tuple[str, ...] = tuple(ImageRecord.__annotations__)
+ENTRY_FIELDS: tuple[str, ...] = tuple(Explanation.__annotations__)
+
+
+def error_record(path: str, kind: str, message: str) -> ErrorRecord:
+    return {"path": path, "status": "error", "error": {"type": kind, "message": message}}
+
+
+def image_record(path: str, size: tuple[int, int], topk: list[Prediction],
+                 explanations: list[Explanation]) -> ImageRecord:
+    """The record of an image that succeeded; ``size`` is (height, width) of the original."""
+    return {"path": path, "status": "ok", "error": None, "width": size[1], "height": size[0], "topk": topk,
+            "explanations": explanations}
+
+
+def explanation_entry(method: str, layer: str | None, target: Target, stats: MapStats, files: Files,
+                      values: Mapping[str, Any]) -> Explanation:
+    """One entry of ``explanations``: ``values`` holds the method's extras (top level) and, under
+    ``metrics``, the metric values; both already JSON-ready (see :func:`json_ready`)."""
+    entry: Explanation = {"method": method, "layer": layer, "target": target, "map": stats, "files": files}
+    entry.update({k: v for k, v in values.items() if k != "metrics"})  # type: ignore[typeddict-item]
+    if "metrics" in values:
+        entry["metrics"] = values["metrics"]
+    return entry
+
+
+def json_ready(v: Any) -> Any:
+    """A per-image value for JSON: a number, or nested lists for (N,) / (N, 4) values. Non-finite
+    numbers become null, and so does a list holding nothing but nulls (e.g. no box, no ground truth)."""
+    if isinstance(v, list):
+        items = [json_ready(a) for a in v]
+        return None if items and all(a is None for a in items) else items
+    f = float(v)
+    return f if np.isfinite(f) else None
+
+
+def record_files(record: Mapping[str, Any]) -> list[str]:
+    """The files (relative to the run folder) that a record's explanations point at."""
+    return [f for e in record.get("explanations", []) for f in (e.get("files") or {}).values() if f]
+
+
+def ok_records(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [r for r in records if r.get("status") == "ok"]
+
+
+def output_names(rels: Sequence[str]) -> dict[str, str]:
+    """rel path -> output stem path (without method suffix). ``a.jpg`` and ``a.png`` in one folder
+    would collide on the stem, so those keep their extension."""
+    stems: dict[str, int] = {}
+    for rel in rels:
+        key = str(Path(rel).with_suffix(""))
+        stems[key] = stems.get(key, 0) + 1
+    out = {}
+    for rel in rels:
+        key = str(Path(rel).with_suffix(""))
+        out[rel] = rel if stems[key] > 1 else key
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# run.json
+
+
+class RunManifest(TypedDict, total=False):
+    """run.json. A sharded run's merged manifest replaces ``part`` by ``parts`` and ``devices``."""
+
+    schema_version: int
+    command: list[str] | None
+    started: str
+    finished: str
+    input: str
+    output: str
+    config: dict[str, Any]  # the resolved config
+    model: str
+    n_classes: int
+    layer: str | None
+    layer_shape: list[int] | None
+    preprocess: dict[str, Any]
+    target: str
+    methods: list[dict[str, Any]]  # {name, params, passes}
+    metrics: list[dict[str, Any]]  # {name, params}
+    device: dict[str, Any]
+    precision: str
+    versions: dict[str, str]
+    counts: dict[str, Any]
+    shard: list[int] | None
+    part: dict[str, Any] | None
+    host: str
+    timings: dict[str, Any]
+    peak_gpu_memory_mb: float | None
+    failures: list[dict[str, Any]]  # {path, error}
+    exit_code: int
+    aggregates: dict[str, Any]
+    parts: list[dict[str, Any]]
+    devices: list[dict[str, Any]]
+
+
+def versions() -> dict[str, str]:
+    """Library versions for run.json."""
+    import PIL
+    import torch
+    import torchvision
+
+    from . import __version__
+
+    v = {
+        "xaicli": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "platform": platform.platform(),
+    }
+    try:
+        import cv2
+
+        v["opencv"] = cv2.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        v["cuda"] = str(torch.version.cuda)
+    return v
+
+
+def outcome(records: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], int, int]:
+    """(failures, ok count, exit code) of a complete scores.jsonl."""
+    failures = [{"path": r["path"], "error": r.get("error")} for r in records if r.get("status") != "ok"]
+    ok = len(records) - len(failures)
+    return failures, ok, EXIT_OK if not failures else EXIT_PARTIAL
+
+
+def part_summary(run: Mapping[str, Any]) -> dict[str, Any]:
+    """What a merged run.json keeps of one part: where and how fast it ran, what it did."""
+    part = run.get("part") or {}
+    return {
+        "part": part.get("label"),
+        "index": part.get("index"),
+        "count": part.get("count"),
+        "rank": part.get("rank"),
+        "host": run.get("host"),
+        "device": run.get("device"),
+        "started": run.get("started"),
+        "finished": run.get("finished"),
+        "counts": run.get("counts"),
+        "timings": run.get("timings"),
+        "peak_gpu_memory_mb": run.get("peak_gpu_memory_mb"),
+    }
+
+
+def merged_manifest(new: list[dict[str, Any]], prev: Mapping[str, Any] | None, kept_parts: list[dict[str, Any]],
+                    records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run.json of a merged sharded run: the manifests of the parts merged now (``new``),
+    the earlier merged run.json (``prev``) and the summaries it keeps of parts merged before, over
+    the merged ``records``. Counts are summed, timings are the slowest part's. The caller adds
+    the ``aggregates`` of the records."""
+    failures, ok, exit_code = outcome(records)
+    base = dict(new[0] if new else (prev or {"schema_version": SCHEMA_VERSION}))
+    summaries = kept_parts + [part_summary(r) for r in new]
+
+    def total(key: str) -> int:
+        return sum(int((r.get("counts") or {}).get(key) or 0) for r in new)
+
+    def most(key: str) -> float | None:
+        vals = [float((r.get("timings") or {}).get(key)) for r in new if (r.get("timings") or {}).get(key) is not None]
+        return round(max(vals), 3) if vals else None
+
+    processed, run_s = total("processed"), most("run_s")
+    peaks = [float(r["peak_gpu_memory_mb"]) for r in new if r.get("peak_gpu_memory_mb") is not None]
+    started = [str(r["started"]) for r in new if r.get("started")]
+    ended = [str(r["finished"]) for r in new if r.get("finished")]
+    counts = dict(base.get("counts") or {})
+    counts.update({"shard": None, "processed": processed, "ok": ok, "failed": len(failures),
+                   "skipped_done": total("skipped_done"), "records": len(records), "parts": len(summaries)})
+    base.update({
+        "started": min(started) if started else base.get("started"),
+        "finished": max(ended) if ended else base.get("finished"),
+        "counts": counts,
+        "shard": None,
+        "part": None,
+        "timings": {"load_s": most("load_s"), "run_s": run_s,
+                    "images_per_s": round(processed / run_s, 3) if run_s else None,
+                    "images_per_s_by_part": [(r.get("timings") or {}).get("images_per_s") for r in new]},
+        "peak_gpu_memory_mb": max(peaks) if peaks else base.get("peak_gpu_memory_mb"),
+        "devices": [{"part": s.get("part"), "host": s.get("host"), **(s.get("device") or {})} for s in summaries],
+        "parts": summaries,
+        "failures": failures,
+        "exit_code": exit_code,
+    })
+    return base
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a run folder
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from a file; None when it is missing, unreadable or not an object."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+@dataclass
+class RunFolder:
+    path: Path
+    run: dict[str, Any] | None  # run.json (None when missing or unreadable)
+    records: list[dict[str, Any]]  # scores.jsonl
+
+
+def is_run_folder(path: Path) -> bool:
+    return (path / SCORES).is_file()
+
+
+def read_run(path: str | Path) -> RunFolder:
+    """scores.jsonl and run.json of a run folder written by `xai explain --out`."""
+    p = Path(path)
+    if not is_run_folder(p):
+        raise InputError(f"{p} is not a run folder: no {SCORES}", "pass folders written by `xai explain --out`")
+    return RunFolder(p, read_json(p / RUN), read_scores(p / SCORES))
