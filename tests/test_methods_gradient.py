@@ -59,7 +59,7 @@ def batch_of(model: nn.Module, x: Tensor, method: str, params: dict | None = Non
     ex = Explainer(model, [(spec, p)], ref, TargetConfig(), Runner(model, budget), keep_batches=True,
                    pixels=PixelSpace(MEAN, STD))
     res = ex(x, seeds)
-    return res.batches[0][0], res.methods[0].maps[0], res.methods[0].extras[0]
+    return res.batches[0], res.methods[0].maps[0], res.methods[0].extras[0]
 
 
 class PlainNet(nn.Module):

@@ -394,9 +394,8 @@ def test_explainer_keeps_no_hooks_or_graphs_between_batches() -> None:
         res = explainer(torch.randn(6, 3, 32, 32, generator=gen))
         assert _hooks(net) == 0
         kept = [res.logits, res.targets, *(m for r in res.methods for m in r.maps)]
-        kept += [t for row in res.batches for b in row
-                 for t in (b.x, b.logits, b.activations, b.gradients) if t is not None]
-        assert len(kept) == 2 + 4 * 2 + 2 * 4 * 4  # top-2 maps of 4 methods; x, logits, acts, grads per batch
+        kept += [t for b in res.batches for t in (b.x, b.logits, b.activations, b.gradients) if t is not None]
+        assert len(kept) == 2 + 4 * 2 + 2 * 4  # top-2 maps of 4 methods; x, logits, acts, grads per target rank
         assert all(t.grad_fn is None and not t.requires_grad for t in kept)
         del res, kept
         n_tensors, n_graph = _live_tensors()

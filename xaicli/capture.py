@@ -1,17 +1,21 @@
-"""Hooks in a ``with`` block: the target layer's tensor is recorded during a forward, hooks are
-removed on exit (also on error), and gradients come from ``torch.autograd.grad`` on the recorded
-tensor, never from backward hooks, so in-place ReLUs work and no parameter ``.grad`` piles up."""
+"""The capture step, between the model's forward and the methods: one shared forward with the
+target layer's tensor recorded (hooks in a ``with`` block, removed on exit, also on error), then
+the gradients of the explained class scores with respect to that tensor and the input. Gradients
+come from ``torch.autograd.grad`` on the recorded tensor, never from backward hooks, so in-place
+ReLUs work and no parameter ``.grad`` piles up. The layer's output is brought to the (B, C, h, w)
+layout the methods read here, in one place, for activations and gradients alike."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from .errors import LayerError
+from .errors import LayerError, MethodError
 from .layers import LayerRef
 
 
@@ -24,11 +28,17 @@ class Recorder:
     calls: int = 0
 
     def tensor(self) -> Tensor:
+        assert self.layer is not None
         if self.value is None:
-            assert self.layer is not None
             raise LayerError(
                 f"target_layer {self.layer.spec!r} did not run during the forward pass",
                 "pick a module that the model's forward uses (`xai layers` shows which ran)",
+            )
+        if self.calls > 1:
+            raise LayerError(
+                f"target_layer {self.layer.spec!r} ran {self.calls} times in one forward pass (a module the "
+                "model reuses); its maps would silently show only the last call",
+                "pick a module that runs once per forward (`xai layers` shows the calls of each)",
             )
         return self.value
 
@@ -80,3 +90,107 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, flag in flags.items():
             m.training = flag
+
+
+# --------------------------------------------------------------------------------------------
+# The model's output
+
+
+class LogitsOnly(nn.Module):
+    """Wraps a model whose forward returns a tuple, dict or object with ``.logits``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.inner = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return as_logits(self.inner(x))
+
+
+def as_logits(out: Any) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, dict) and "logits" in out:
+        return out["logits"]
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise MethodError(f"the model returned {type(out).__name__}; expected a logits tensor (B, classes)")
+
+
+# --------------------------------------------------------------------------------------------
+# The shared forward and its gradients
+
+
+@dataclass
+class Capture:
+    """What one shared forward gives the methods of a batch. ``logits`` (B, N) and
+    ``activations`` (B, C, h, w) are float32 and detached; :meth:`gradients` differentiates the
+    class scores of given targets, once per target rank."""
+
+    layer: LayerRef | None
+    grad_of: frozenset[str]  # "layer" and/or "input": which gradients the methods read
+    x: Tensor  # the input the model saw (requires grad when gradients are taken)
+    logits: Tensor
+    activations: Tensor | None
+    _live: Tensor | None  # the logits inside the autograd graph
+    _acts_live: Tensor | None
+
+    def gradients(self, targets: Tensor, retain: bool) -> tuple[Tensor | None, Tensor | None]:
+        """d logit[target] / d activations (B, C, h, w) and / d input (B, C, H, W), float32 and
+        detached, each None unless ``grad_of`` asks for it. ``targets`` (B,). ``retain``: keep the
+        graph for another target rank."""
+        if not self.grad_of:
+            return None, None
+        assert self._live is not None
+        wrt: list[Tensor] = []
+        if "layer" in self.grad_of:
+            assert self._acts_live is not None
+            if not self._acts_live.requires_grad:
+                raise MethodError(
+                    f"target_layer {self.layer.spec if self.layer else '?'} is not connected to the logits "
+                    "by differentiable operations",
+                    "pick a layer before the classifier whose output feeds it",
+                )
+            wrt.append(self._acts_live)
+        if "input" in self.grad_of:
+            wrt.append(self.x)
+        score = self._live.float().gather(1, targets[:, None]).sum()
+        found = iter(torch.autograd.grad(score, wrt, retain_graph=retain, allow_unused=True))
+        grads = input_grad = None
+        if "layer" in self.grad_of:
+            g = next(found)
+            assert self.activations is not None
+            grads = torch.zeros_like(self.activations) if g is None else _spatial(self.layer, g.detach().float())
+        if "input" in self.grad_of:
+            g = next(found)
+            input_grad = torch.zeros_like(self.x, dtype=torch.float32) if g is None else g.detach().float()
+        return grads, input_grad
+
+    def release(self) -> None:
+        """Drop the autograd graph (the last target rank is done)."""
+        self._live = self._acts_live = None
+
+
+def forward(model: nn.Module, x: Tensor, layer: LayerRef | None, grad_of: frozenset[str],
+            autocast: Callable[[], AbstractContextManager[object]] = nullcontext) -> Capture:
+    """The shared forward of a batch ``x`` (already in the model's memory format), recording
+    ``layer``; inside the autograd graph when ``grad_of`` names gradients (they flow from the
+    input even when the user's parameters are frozen), else under ``inference_mode``."""
+    xin = x.detach()
+    if grad_of:
+        xin = xin.clone().requires_grad_(True)
+    grad_ctx = torch.enable_grad() if grad_of else torch.inference_mode()
+    with record(layer) as rec, grad_ctx, autocast():
+        live = as_logits(model(xin))
+    acts_live = _spatial(layer, rec.tensor()) if layer is not None else None
+    acts = acts_live.detach().float() if acts_live is not None else None
+    return Capture(layer, grad_of, xin, live.detach().float(), acts, live if grad_of else None,
+                   acts_live if grad_of else None)
+
+
+def _spatial(layer: LayerRef | None, t: Tensor) -> Tensor:
+    """The layer's tensor in the (B, C, h, w) layout the methods read: the one place where a
+    layer's own layout would be converted (a layer's output is taken as it comes today)."""
+    return t

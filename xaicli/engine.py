@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .capture import record
+from .capture import LogitsOnly, as_logits, forward, record
 from .config import Config, TargetConfig
 from .errors import ConfigError, MethodError, suggest
 from .layers import LayerRef, auto_layer, resolve_layer
@@ -55,29 +55,6 @@ def autocast_factory(device: torch.device, precision: str) -> Callable[[], Abstr
     return partial(torch.autocast, device_type=device.type, dtype=dtype)
 
 
-class LogitsOnly(nn.Module):
-    """Wraps a model whose forward returns a tuple, dict or object with ``.logits``."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.inner = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        return as_logits(self.inner(x))
-
-
-def as_logits(out: Any) -> Tensor:
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, dict) and "logits" in out:
-        return out["logits"]
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-        return out[0]
-    raise MethodError(f"the model returned {type(out).__name__}; expected a logits tensor (B, classes)")
-
-
 # --------------------------------------------------------------------------------------------
 # The in-memory core
 
@@ -95,7 +72,7 @@ class BatchResult:
     logits: Tensor  # (B, N) float32
     targets: Tensor  # (B, K)
     methods: list[MethodResult]
-    batches: list[list[Batch]] = field(default_factory=list)  # per target rank, per method (for metrics)
+    batches: list[Batch] = field(default_factory=list)  # per target rank, what the methods saw (for metrics)
 
 
 def signed_mode(spec: MethodSpec, params: Any) -> str | None:
@@ -140,67 +117,44 @@ class Explainer:
             return torch.full((b, 1), t.index, dtype=torch.long, device=logits.device)
         return logits.argmax(1, keepdim=True)
 
-    def __call__(self, x: Tensor, seeds: Tensor | None = None) -> BatchResult:
-        runner = self.runner
-        need_grad = bool(self.grad_of)
-        xin = runner.prepare(x.detach())
-        if need_grad:
-            # Gradients flow from the input even when the user's parameters are frozen.
-            xin = xin.clone().requires_grad_(True)
-        grad_ctx = torch.enable_grad() if need_grad else torch.inference_mode()
-        with record(self.layer if self.need_layer else None) as rec, grad_ctx, runner.autocast():
-            live = as_logits(self.model(xin))
-        acts_live = rec.tensor() if self.need_layer else None
-        logits = live.detach().float()
-        targets = self.targets_for(logits)
-        acts = acts_live.detach().float() if acts_live is not None else None
+    def __call__(self, x: Tensor, seeds: Tensor | None = None, targets: Tensor | None = None) -> BatchResult:
+        """Every method's raw maps for the batch ``x``. ``targets``: the classes to explain, (B,)
+        or (B, K) for K target ranks; None: as the Explainer's target says (the prediction,
+        a fixed class or the top-k)."""
+        cap = forward(self.model, self.runner.prepare(x), self.layer if self.need_layer else None,
+                      frozenset(self.grad_of), self.runner.autocast)
+        if targets is None:
+            targets = self.targets_for(cap.logits)
+        elif targets.dim() == 1:
+            targets = targets[:, None]
+        targets = targets.to(cap.logits.device)
         k = targets.shape[1]
         results = [MethodResult(s, p, [], []) for s, p in self.methods]
-        kept: list[list[Batch]] = []
-        for j in range(k):
-            t = targets[:, j].contiguous()
-            grads = input_grad = None
-            if need_grad:
-                wrt: list[Tensor] = []
-                if "layer" in self.grad_of:
-                    assert acts_live is not None
-                    if not acts_live.requires_grad:
-                        raise MethodError(
-                            f"target_layer {self.layer.spec if self.layer else '?'} is not connected to the logits "
-                            "by differentiable operations",
-                            "pick a layer before the classifier whose output feeds it",
-                        )
-                    wrt.append(acts_live)
-                if "input" in self.grad_of:
-                    wrt.append(xin)
-                score = live.float().gather(1, t[:, None]).sum()
-                gs = torch.autograd.grad(score, wrt, retain_graph=j < k - 1, allow_unused=True)
-                gi = iter(gs)
-                if "layer" in self.grad_of:
-                    g = next(gi)
-                    grads = torch.zeros_like(acts) if g is None else g.detach().float()  # type: ignore[arg-type]
-                if "input" in self.grad_of:
-                    g = next(gi)
-                    input_grad = torch.zeros_like(x, dtype=torch.float32) if g is None else g.detach().float()
-            batch = Batch(
-                x=x.detach(), targets=t, logits=logits, runner=runner, layer=self.layer,
-                activations=acts, gradients=grads, input_grad=input_grad, seeds=seeds, pixels=self.pixels,
-            )
-            row = []
-            for res in results:
-                out = res.spec.fn(batch, res.params)
-                if isinstance(out, MethodOutput):
-                    m, extras = out.map, out.extras
-                else:
-                    m, extras = out, {}
-                reduce = getattr(res.params, "reduce", "max_abs" if not res.spec.signed else "sum")
-                res.maps.append(reduce_channels(m.float(), reduce))
-                res.extras.append(extras)
-                row.append(batch)
-            if self.keep_batches:
-                kept.append(row)
-        del live, acts_live
-        return BatchResult(logits=logits, targets=targets, methods=results, batches=kept)
+        kept: list[Batch] = []
+        try:
+            for j in range(k):
+                t = targets[:, j].contiguous()
+                grads, input_grad = cap.gradients(t, retain=j < k - 1)
+                batch = Batch(
+                    x=x.detach(), targets=t, logits=cap.logits, runner=self.runner, layer=self.layer,
+                    activations=cap.activations, gradients=grads, input_grad=input_grad, seeds=seeds,
+                    pixels=self.pixels,
+                )
+                for res in results:
+                    self._dispatch(res, batch)
+                if self.keep_batches:
+                    kept.append(batch)
+        finally:
+            cap.release()
+        return BatchResult(logits=cap.logits, targets=targets, methods=results, batches=kept)
+
+    @staticmethod
+    def _dispatch(res: MethodResult, batch: Batch) -> None:
+        out = res.spec.fn(batch, res.params)
+        m, extras = (out.map, out.extras) if isinstance(out, MethodOutput) else (out, {})
+        reduce = getattr(res.params, "reduce", "max_abs" if not res.spec.signed else "sum")
+        res.maps.append(reduce_channels(m.float(), reduce))
+        res.extras.append(extras)
 
 
 # --------------------------------------------------------------------------------------------

@@ -346,9 +346,9 @@ def _explain_batch(ctx: RunContext, batch: LoadedBatch) -> None:
     seeds = torch.tensor([image_seed(r, st.cfg.runtime.seed) for r in batch.rels], dtype=torch.long)
     res = ctx.explainer(x, seeds)
     out = _BatchOutputs(ctx, batch, res)
-    for mi, mres in enumerate(res.methods):
+    for mres in res.methods:
         for j in range(len(mres.maps)):
-            out.add(mi, mres, j)
+            out.add(mres, j)
     out.submit()
 
 
@@ -401,7 +401,7 @@ class _BatchOutputs:
         gt = st.ground_truth if any(ms.ground_truth for ms, _ in st.metrics) else None
         return build_context(self.batch.rels, self.sizes, st.loaded.preprocess, gt, st.device)
 
-    def add(self, mi: int, mres: MethodResult, j: int) -> None:
+    def add(self, mres: MethodResult, j: int) -> None:
         """The map of method ``mres`` for target rank ``j``: stats, metrics, overlays, raw maps."""
         st, o = self.ctx.st, self.ctx.st.cfg.output
         spec, raw = mres.spec, mres.maps[j]
@@ -409,7 +409,7 @@ class _BatchOutputs:
         flat = raw.flatten(1)
         stats = torch.stack([flat.amin(1), flat.amax(1), flat.mean(1)], 1).cpu()
         norm = normalize(raw, mode)
-        metric_vals = self._metrics(self.res.batches[j][mi], raw, mode) if st.metrics else {}
+        metric_vals = self._metrics(self.res.batches[j], raw, mode) if st.metrics else {}
         extras = {k: v.detach().float().cpu() for k, v in mres.extras[j].items()}
         suffix = f".{spec.name}" + (f".top{j + 1}" if st.target.mode == "topk" else "")
         boxes = metric_vals.get("boxes") if any(getattr(mp, "draw", False) for _, mp in st.metrics) else None

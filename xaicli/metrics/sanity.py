@@ -50,12 +50,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..capture import eval_mode
+from ..capture import LogitsOnly, eval_mode
 from ..config import Config, TargetConfig
-from ..engine import Explainer, LogitsOnly
+from ..engine import Explainer
 from ..errors import ConfigError, InputError, MethodError
 from ..layers import LayerRef
-from ..methods import MethodSpec
 from ..methods.base import Runner, chunks
 from ..render import to_input_size
 
@@ -297,8 +296,8 @@ def cascade(
 
     def maps_of(net: nn.Module, ref: LayerRef | None, run: Runner, sl: slice, want: Tensor | None
                 ) -> tuple[Tensor, list[Tensor]]:
-        exp = FixedTargetExplainer(net, pairs, ref, run, want)
-        res = exp(x[sl].to(device, non_blocking=True), seeds[sl])
+        exp = Explainer(net, pairs, ref, TargetConfig(), run)
+        res = exp(x[sl].to(device, non_blocking=True), seeds[sl], targets=want)
         return res.targets[:, 0], [m.maps[0] for m in res.methods]
 
     with eval_mode(model):
@@ -339,20 +338,6 @@ def cascade(
                 scores[m][q].append(torch.cat(per[m][q]))
     out = {m: {q: torch.stack(v).cpu() for q, v in by.items()} for m, by in scores.items()}
     return CascadeResult(steps=plan, methods=names, targets=fixed.cpu(), scores=out)
-
-
-class FixedTargetExplainer(Explainer):
-    """The engine's Explainer explaining given classes, one per image (None: its prediction)."""
-
-    def __init__(self, model: nn.Module, methods: list[tuple[MethodSpec, Any]], layer: LayerRef | None,
-                 runner: Runner, targets: Tensor | None) -> None:
-        super().__init__(model, methods, layer, TargetConfig(), runner)
-        self.fixed = targets
-
-    def targets_for(self, logits: Tensor) -> Tensor:
-        if self.fixed is None:
-            return super().targets_for(logits)
-        return self.fixed[:, None]
 
 
 # --------------------------------------------------------------------------------------------
