@@ -16,19 +16,11 @@ from typer.testing import CliRunner
 
 from tests.nets import GapNet
 from xaicli.api import explain_tensor
+from xaicli.capture import LogitsOnly
 from xaicli.cli import app
-from xaicli.engine import LogitsOnly
 from xaicli.methods import MethodSpec, NoParams
-from xaicli.metrics.sanity import (
-    average_ranks,
-    cascade,
-    group_blocks,
-    randomization_blocks,
-    randomize_,
-    spearman,
-    ssim,
-    verdicts,
-)
+from xaicli.metrics.similarity import average_ranks, spearman, ssim
+from xaicli.sanity import cascade, group_blocks, randomization_blocks, randomize_, verdicts
 
 # --------------------------------------------------------------------------------------------
 # Similarities

@@ -12,7 +12,7 @@ rule (see README "CI gates with xai check"):
   indices (``box_iou.0``) reach inside; aggregated by mean, median, min, max or fraction_true;
 * ``failed_images: {at_most: 0}`` - images that could not be processed (count, or ``fraction: true``);
 * ``sanity: {method: gradcam, spearman_at_full_randomization: {at_most: 0.5}}`` - the
-  model-parameter randomisation test (:mod:`xaicli.metrics.sanity`), run for the check;
+  model-parameter randomisation test (:mod:`xaicli.sanity`), run for the check;
 * ``run: DOTTED.PATH`` - a number of run.json (``counts.ok``, ``timings.images_per_s``,
   ``aggregates.gradcam.target_prob.mean``).
 
@@ -719,7 +719,7 @@ def run_check(
                 if r.sanity.method not in groups[r.sanity_key()]:
                     groups[r.sanity_key()].append(r.sanity.method)
         if groups:
-            from .metrics.sanity import run_sanity
+            from .sanity import run_sanity
 
             source = images if images is not None else Path(str((run or {}).get("input") or ""))
             if not str(source) or not source.exists():

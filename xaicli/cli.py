@@ -433,8 +433,8 @@ def sanity(
         import json
 
         from .config import apply_overrides, load_config
-        from .metrics.sanity import run_sanity, table, verdict_lines
         from .outputs import write_json
+        from .sanity import run_sanity, table, verdict_lines
 
         cfg = apply_overrides(load_config(config), method=method, device=device, batch_size=batch_size, seed=seed)
         res = run_sanity(cfg, images, steps=steps, max_images=max_images, max_spearman=max_spearman,

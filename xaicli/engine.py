@@ -6,7 +6,6 @@ API, the benchmarks and the sanity test.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -269,9 +268,3 @@ def _dry_run(st: Setup) -> None:
     h, w = st.loaded.preprocess.input_size
     x = torch.zeros(1, 3, h, w, device=st.device)
     Explainer(st.model, cheap, st.layer, TargetConfig(), st.runner)(x, torch.zeros(1, dtype=torch.long))
-
-
-def image_seed(rel: str, seed: int) -> int:
-    """A per-image seed from the run seed and the image's path: stable across batching and resume."""
-    h = hashlib.blake2b(f"{seed}:{rel}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 62) - 1)

@@ -64,19 +64,37 @@ def _shape(v: object) -> tuple[int, ...] | None:
     return None
 
 
-def layer_table(model: nn.Module, input_size: tuple[int, int], device: torch.device | str = "cpu") -> list[LayerInfo]:
-    """Every module with its output shape for one dummy image (one forward, no gradients)."""
-    seen: dict[str, dict[str, object]] = {}
+@dataclass
+class ModuleTrace:
+    """What one dummy forward saw of a module: how often it ran, when it first and last finished
+    (a counter over every module's completions, so children finish before their parents), and
+    its input and output shapes on its last call."""
+
+    calls: int = 0
+    first: int = -1
+    last: int = -1
+    input_shape: tuple[int, ...] | None = None
+    output_shape: tuple[int, ...] | None = None
+
+
+def trace_modules(model: nn.Module, input_size: tuple[int, int],
+                  device: torch.device | str = "cpu") -> dict[str, ModuleTrace]:
+    """One forward of a blank image (no gradients) with a hook on every named module; the
+    modules that ran, by name. Hooks are removed on exit, also on error."""
+    seen: dict[str, ModuleTrace] = {}
+    counter = [0]
     handles = []
     for name, mod in model.named_modules():
         if not name:
             continue
 
         def hook(m: nn.Module, args: tuple[object, ...], out: object, _name: str = name) -> None:
-            rec = seen.setdefault(_name, {"calls": 0})
-            rec["calls"] = int(rec["calls"]) + 1  # type: ignore[call-overload]
-            rec["in"] = _shape(args)
-            rec["out"] = _shape(out)
+            t = seen.setdefault(_name, ModuleTrace())
+            t.calls += 1
+            t.first = counter[0] if t.first < 0 else t.first
+            t.last = counter[0]
+            counter[0] += 1
+            t.input_shape, t.output_shape = _shape(args), _shape(out)
 
         handles.append(mod.register_forward_hook(hook))
     try:
@@ -85,22 +103,23 @@ def layer_table(model: nn.Module, input_size: tuple[int, int], device: torch.dev
     finally:
         for h in handles:
             h.remove()
+    return seen
+
+
+def layer_table(model: nn.Module, input_size: tuple[int, int], device: torch.device | str = "cpu") -> list[LayerInfo]:
+    """Every module with its output shape for one dummy image (one forward, no gradients)."""
+    return _rows(model, trace_modules(model, input_size, device))
+
+
+def _rows(model: nn.Module, seen: dict[str, ModuleTrace]) -> list[LayerInfo]:
     rows = []
     for name, mod in model.named_modules():
         if not name:
             continue
-        rec = seen.get(name, {})
-        rows.append(
-            LayerInfo(
-                name=name,
-                type=type(mod).__name__,
-                depth=name.count("."),
-                input_shape=rec.get("in"),  # type: ignore[arg-type]
-                output_shape=rec.get("out"),  # type: ignore[arg-type]
-                calls=int(rec.get("calls", 0)),  # type: ignore[call-overload]
-                params=sum(p.numel() for p in mod.parameters(recurse=False)),
-            )
-        )
+        t = seen.get(name, ModuleTrace())
+        rows.append(LayerInfo(name=name, type=type(mod).__name__, depth=name.count("."), input_shape=t.input_shape,
+                              output_shape=t.output_shape, calls=t.calls,
+                              params=sum(p.numel() for p in mod.parameters(recurse=False))))
     return rows
 
 
@@ -108,31 +127,20 @@ def auto_layer(model: nn.Module, input_size: tuple[int, int], device: torch.devi
     """The layer CAM papers use: the input of the global pooling module when the model has one
     (the last feature map after its activation), else the last module, in execution order, that
     outputs a spatial map (B, C, h, w) with h, w > 1 and runs once per forward."""
-    rows = layer_table(model, input_size, device)
-    by_name = {r.name: r for r in rows}
-    order: list[str] = []
-    handles = []
-    for name, mod in model.named_modules():
-        if name:
-            handles.append(mod.register_forward_hook(lambda m, a, o, _n=name: order.append(_n)))
-    try:
-        with torch.inference_mode():
-            model(torch.zeros(1, 3, *input_size, device=device))
-    finally:
-        for h in handles:
-            h.remove()
+    seen = trace_modules(model, input_size, device)
+    rows = {r.name: r for r in _rows(model, seen)}
+    once = sorted((n for n, t in seen.items() if t.calls == 1), key=lambda n: -seen[n].last)  # last to finish first
 
     def spatial(s: tuple[int, ...] | None) -> bool:
         return s is not None and len(s) == 4 and s[2] > 1 and s[3] > 1
 
-    for name in reversed(order):
-        r = by_name[name]
+    for name in once:
+        r = rows[name]
         pooled = r.output_shape is not None and len(r.output_shape) >= 2 and all(d == 1 for d in r.output_shape[2:])
-        if "Pool" in r.type and r.calls == 1 and pooled and spatial(r.input_shape):
+        if "Pool" in r.type and pooled and spatial(r.input_shape):
             return resolve_layer(model, f"{name}:input")
-    for name in reversed(order):
-        r = by_name[name]
-        if spatial(r.output_shape) and r.calls == 1:
+    for name in once:
+        if spatial(rows[name].output_shape):
             return resolve_layer(model, name)
     raise LayerError(
         f"no layer of {type(model).__name__} gives a spatial map (B, C, h, w)",

@@ -31,9 +31,9 @@ from torch import Tensor
 from . import records
 from .config import Config
 from .data import ImageEntry, ImageFolder, ListedImages, LoadedBatch, collate, list_images, worker_init
-from .engine import BatchResult, MethodResult, Setup, image_seed, select_device, setup, signed_mode
+from .engine import BatchResult, MethodResult, Setup, select_device, setup, signed_mode
 from .errors import EXIT_OK, EXIT_PARTIAL, ConfigError, InputError, MethodError
-from .methods.base import Batch, is_oom, split_on_oom
+from .methods.base import Batch, is_oom, split_on_oom, stable_seed
 from .metrics.context import MetricContext, build_context
 from .outputs import ScoresFile, Writer, encode_image, encode_npy, map_file, overlay_file, prepare_out_dir
 from .plan import Plan, resolve_plan
@@ -343,7 +343,7 @@ def _explain_batch(ctx: RunContext, batch: LoadedBatch) -> None:
     st = ctx.st
     assert batch.x is not None
     x = batch.x.to(st.device, non_blocking=True)
-    seeds = torch.tensor([image_seed(r, st.cfg.runtime.seed) for r in batch.rels], dtype=torch.long)
+    seeds = torch.tensor([stable_seed(st.cfg.runtime.seed, r) for r in batch.rels], dtype=torch.long)
     res = ctx.explainer(x, seeds)
     out = _BatchOutputs(ctx, batch, res)
     for mres in res.methods:

@@ -3,6 +3,7 @@ many-forward methods share. No file, device choice or progress bar in here."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -13,6 +14,13 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from ..layers import LayerRef
+
+
+def stable_seed(seed: int, key: str) -> int:
+    """A seed from a run's seed and a name (an image's path, a block of the model): the same in
+    every process, whatever the batching, sharding or resuming."""
+    h = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 62) - 1)
 
 
 def is_oom(e: BaseException) -> bool:

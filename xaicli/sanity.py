@@ -39,7 +39,6 @@ method and shows the copy is exact.
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,99 +46,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..capture import LogitsOnly, eval_mode
-from ..config import Config, TargetConfig
-from ..engine import Explainer
-from ..errors import ConfigError, InputError, MethodError
-from ..layers import LayerRef
-from ..methods.base import Runner, chunks
-from ..render import to_input_size
+from .capture import LogitsOnly, eval_mode
+from .config import Config, TargetConfig
+from .engine import Explainer
+from .errors import ConfigError, InputError, MethodError
+from .layers import LayerRef, trace_modules
+from .methods.base import Runner, chunks, stable_seed
+from .metrics.similarity import MEASURES, compare
 
-MEASURES = ("spearman_abs", "spearman", "ssim")
 DEFAULT_MAX_SPEARMAN = 0.5
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-
-
-# --------------------------------------------------------------------------------------------
-# Similarities (batched, on the device)
-
-
-def average_ranks(v: Tensor) -> Tensor:
-    """Ranks 1..N of each row of ``v`` (B, N); tied values share the mean of their ranks."""
-    b, n = v.shape
-    order = v.argsort(dim=1, stable=True)
-    s = v.gather(1, order)
-    new_group = torch.ones_like(s, dtype=torch.bool)
-    new_group[:, 1:] = s[:, 1:] != s[:, :-1]
-    group = new_group.long().cumsum(1) - 1 + torch.arange(b, device=v.device)[:, None] * n  # unique per row
-    pos = torch.arange(n, device=v.device, dtype=torch.float64).expand(b, n).flatten()
-    g = group.flatten()
-    first = torch.full((b * n,), float("inf"), dtype=torch.float64, device=v.device).scatter_reduce(
-        0, g, pos, "amin")
-    last = torch.full((b * n,), -1.0, dtype=torch.float64, device=v.device).scatter_reduce(0, g, pos, "amax")
-    rank_sorted = ((first[g] + last[g]) / 2 + 1).view(b, n)
-    return torch.empty_like(rank_sorted).scatter_(1, order, rank_sorted)
-
-
-def spearman(a: Tensor, b: Tensor) -> Tensor:
-    """Spearman rank correlation per row of (B, ...) tensors -> (B,) float32. A constant row
-    correlates 0 with a non-constant one and 1 with another constant one."""
-    ra = average_ranks(a.flatten(1).double())
-    rb = average_ranks(b.flatten(1).double())
-    ra = ra - ra.mean(1, keepdim=True)
-    rb = rb - rb.mean(1, keepdim=True)
-    va, vb = (ra * ra).sum(1), (rb * rb).sum(1)
-    r = (ra * rb).sum(1) / (va * vb).clamp_min(1e-300).sqrt()
-    const_a, const_b = va <= 0, vb <= 0
-    r = torch.where(const_a | const_b, (const_a & const_b).double(), r)
-    return r.clamp(-1, 1).float()
-
-
-def _gaussian_window(sigma: float, device: torch.device) -> Tensor:
-    radius = int(3.5 * sigma + 0.5)  # scipy.ndimage's truncate=3.5, as scikit-image uses
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)
-    w = torch.exp(-0.5 * (x / sigma) ** 2)
-    return w / w.sum()
-
-
-def ssim(a: Tensor, b: Tensor, sigma: float = 1.5, data_range: float = 1.0) -> Tensor:
-    """Mean structural similarity per image of (B, H, W) maps -> (B,) float32.
-
-    Gaussian-weighted local statistics (population covariance) over the positions where the
-    whole window fits, as ``skimage.metrics.structural_similarity(gaussian_weights=True,
-    sigma=1.5, use_sample_covariance=False, data_range=1)`` averages them."""
-    w = _gaussian_window(sigma, a.device)
-    k = w.numel()
-    if a.shape[-1] < k or a.shape[-2] < k:
-        raise MethodError(f"ssim needs maps of at least {k}x{k} pixels, got {tuple(a.shape[-2:])}")
-    x = torch.stack([a, b, a * a, b * b, a * b], 1).double()  # (B, 5, H, W)
-    c = x.shape[1]
-    x = F.conv2d(x, w.view(1, 1, 1, k).expand(c, 1, 1, k), groups=c)
-    x = F.conv2d(x, w.view(1, 1, k, 1).expand(c, 1, k, 1), groups=c)
-    ux, uy, uxx, uyy, uxy = x.unbind(1)
-    vx, vy, vxy = uxx - ux * ux, uyy - uy * uy, uxy - ux * uy
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-    return s.flatten(1).mean(1).float()
-
-
-def _unit_scale(m: Tensor) -> Tensor:
-    peak = m.flatten(1).amax(1)[:, None, None]
-    return torch.where(peak > 0, m / peak.clamp_min(1e-30), torch.zeros_like(m))
-
-
-def compare(original: Tensor, randomized: Tensor, size: tuple[int, int]) -> dict[str, Tensor]:
-    """The three similarities of (B, h, w) raw maps at the model input's ``size`` -> name -> (B,)."""
-    o = to_input_size(original.float(), size)
-    r = to_input_size(randomized.float(), size)
-    return {
-        "spearman_abs": spearman(o.abs(), r.abs()),
-        "spearman": spearman(o, r),
-        "ssim": ssim(_unit_scale(o.abs()), _unit_scale(r.abs())),
-    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,21 +94,9 @@ def randomization_blocks(model: nn.Module, input_size: tuple[int, int], device: 
     units = _units(root)
     if len(units) < 2:
         units = [(n, m) for n, m in root.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
-    first_call: dict[str, int] = {}
-    counter = [0]
-    handles = []
-    for name, mod in units:
-        def hook(m: nn.Module, args: Any, out: Any, _n: str = name) -> None:
-            if _n not in first_call:
-                first_call[_n] = counter[0]
-                counter[0] += 1
-        handles.append(mod.register_forward_hook(hook))
-    try:
-        with torch.inference_mode(), eval_mode(model):
-            model(torch.zeros(1, 3, *input_size, device=device))
-    finally:
-        for h in handles:
-            h.remove()
+    with eval_mode(model):
+        seen = trace_modules(root, input_size, device)
+    first_call = {n: seen[n].first for n, _ in units if n in seen}
     ran = [n for n, _ in units if n in first_call]
     if not ran:
         raise MethodError(f"{type(root).__name__} has no parameterised module that runs: nothing to randomise")
@@ -206,13 +112,6 @@ def group_blocks(blocks: Sequence[str], steps: int | None) -> list[tuple[str, ..
     n = len(blocks)
     bounds = [round(i * n / steps) for i in range(steps + 1)]
     return [tuple(blocks[bounds[i]:bounds[i + 1]]) for i in range(steps)]
-
-
-def block_seed(seed: int, block: str) -> int:
-    """The seed of one block's re-initialisation: from the run seed and the block's name, so the
-    fully randomised model is the same whatever the grouping into steps."""
-    h = hashlib.blake2b(f"{seed}:{block}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 62) - 1)
 
 
 def randomize_(module: nn.Module, seed: int) -> None:
@@ -281,8 +180,8 @@ def cascade(
     original model's prediction). ``runner``: chunking and precision (default: fp32, chunks of
     16). ``model`` is left exactly as it was; the randomised model is a deep copy.
     """
-    from ..layers import resolve_layer
-    from ..plan import method_pairs
+    from .layers import resolve_layer
+    from .plan import method_pairs
 
     pairs = method_pairs(methods)
     device = next((p.device for p in model.parameters()), x.device)
@@ -324,7 +223,7 @@ def cascade(
     scores: dict[str, dict[str, list[Tensor]]] = {m: {k: [] for k in MEASURES} for m in names}
     for group in plan:
         for b in group:
-            randomize_(modules[b], block_seed(seed, b))
+            randomize_(modules[b], stable_seed(seed, b))  # the same block, the same init, whatever the steps
         per: dict[str, dict[str, list[Tensor]]] = {m: {q: [] for q in MEASURES} for m in names}
         for ci, sl in enumerate(chunks(n, runner.budget)):
             _, maps = maps_of(clone, clone_layer, clone_runner, sl, fixed[sl])
@@ -439,8 +338,8 @@ def run_sanity(
 ) -> SanityRun:
     """The test on the images under ``input_path`` (the first ``max_images`` in sorted order that
     ``select`` keeps), for the config's methods, seeded by ``runtime.seed``."""
-    from ..data import ImageFolder, list_images
-    from ..engine import image_seed, setup
+    from .data import ImageFolder, list_images
+    from .engine import setup
 
     if max_images is not None and max_images < 1:
         raise ConfigError(f"--max-images: must be >= 1, got {max_images}")
@@ -459,7 +358,7 @@ def run_sanity(
                          f"first error: {failed[0]['error']['message']}")
     x = torch.stack([it["x"] for it in ok])
     paths = [it["rel"] for it in ok]
-    seeds = torch.tensor([image_seed(p, cfg.runtime.seed) for p in paths], dtype=torch.long)
+    seeds = torch.tensor([stable_seed(cfg.runtime.seed, p) for p in paths], dtype=torch.long)
     targets = None
     if st.target.mode == "index":
         assert st.target.index is not None
