@@ -476,3 +476,25 @@ def test_run_check_on_a_run_folder_reads_run_json_when_it_can(tmp_path: Path) ->
     with pytest.raises(ConfigError) as e:
         run_check(unknown, cfg=cfg, run_dir=run)
     assert e.value.message == f"{unknown}: rule 'u': unknown metric 'enrgy'"
+
+
+def test_the_table_of_kinds_parses_and_measures_each_kind() -> None:
+    from xaicli.check import KINDS, RULE_KINDS
+    from xaicli.check.rules import SHARED_KEYS
+
+    minimal = {
+        "predicted_in": {"predicted_in": [281]},
+        "metric": {"method": "gradcam", "metric": "energy", "at_least": 0},
+        "failed_images": {"failed_images": {"at_most": 1}},
+        "sanity": {"sanity": {"spearman_at_full_randomization": {"at_most": 0.5}}},
+        "run": {"run": "counts.ok", "at_least": 3},
+    }
+    assert KINDS == tuple(RULE_KINDS) == tuple(minimal)
+    assert all(set(k.keys) <= set(SHARED_KEYS) for k in RULE_KINDS.values())
+    exp = expectations_from_dict({"rules": list(minimal.values())}, default_method="gradcam")
+    assert [r.kind for r in exp.rules] == list(KINDS)
+    rep = {"images": ["a"], "steps": [{}, {}], "methods": {"gradcam": {"full_randomization": {"spearman_abs": 0.1}}}}
+    outcomes = evaluate(exp, RECORDS, RUN, {exp.rules[3].sanity_key(): rep})
+    assert [(o.rule.kind, o.passed, o.measured) for o in outcomes] == [
+        ("predicted_in", False, pytest.approx(1 / 3)), ("metric", True, pytest.approx(2 / 3)),
+        ("failed_images", True, 1), ("sanity", True, 0.1), ("run", True, 3)]

@@ -24,6 +24,11 @@ on, a method that was not run, images that match no glob, a run.json field - mak
 FAIL with a message saying what is missing (a gate never passes on nothing). A name xaicli does
 not know at all - an unknown key, method or class name, or a metric name that is neither a known
 scores field nor present in the run - is a usage error (exit 2) with the close matches.
+
+Layout: :mod:`.rules` reads the expectations file (the YAML schema, one parse function per kind,
+globs); :mod:`.measure` holds one measure function per kind and :data:`~.measure.RULE_KINDS`, the
+table that pairs them (a new kind is one entry there); :mod:`.report` writes JUnit XML and the
+rich table; this module runs the whole check (:func:`run_check`).
 """
 
 from __future__ import annotations
@@ -38,8 +43,12 @@ from ..config import ModelConfig, build_dataclass
 from ..errors import ConfigError
 from .measure import (
     ENTRY_FIELDS,
+    KINDS,
     RECORD_FIELDS,
+    RULE_KINDS,
+    Missing,
     Outcome,
+    RuleKind,
     evaluate,
     known_metric_names,
     lookup,
@@ -47,12 +56,10 @@ from .measure import (
 )
 from .report import junit_xml, table
 from .rules import (
-    KINDS,
     SANITY_MEASURES,
     Aggregate,
     Bounds,
     Expectations,
-    Kind,
     Rule,
     SanitySpec,
     check_classes,
@@ -64,10 +71,10 @@ from .rules import (
 )
 
 __all__ = [
-    "ENTRY_FIELDS", "KINDS", "RECORD_FIELDS", "SANITY_MEASURES", "Aggregate", "Bounds", "CheckResult", "Expectations",
-    "Kind", "Outcome", "Rule", "SanitySpec", "check_classes", "evaluate", "expectations_from_dict", "glob_regex",
-    "junit_xml", "known_metric_names", "labels_for", "load_expectations", "lookup", "model_of_run", "parse_rule",
-    "run_check", "run_methods", "selector", "table",
+    "ENTRY_FIELDS", "KINDS", "RECORD_FIELDS", "RULE_KINDS", "SANITY_MEASURES", "Aggregate", "Bounds", "CheckResult",
+    "Expectations", "Missing", "Outcome", "Rule", "RuleKind", "SanitySpec", "check_classes", "evaluate",
+    "expectations_from_dict", "glob_regex", "junit_xml", "known_metric_names", "labels_for", "load_expectations",
+    "lookup", "model_of_run", "parse_rule", "run_check", "run_methods", "selector", "table",
 ]
 
 

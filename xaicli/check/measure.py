@@ -1,16 +1,30 @@
-"""Evaluation of `xai check` rules: one number measured over a run's scores.jsonl records,
-run.json or sanity reports, compared with the rule's bounds."""
+"""Evaluation of `xai check` rules: one measure function per rule kind, and the table of kinds
+(:data:`RULE_KINDS`) that pairs it with the kind's parse function in :mod:`.rules`.
+
+A measure function reads a run's scores.jsonl records, run.json or sanity reports and returns
+one number with how it was measured; it raises :class:`Missing` when the run lacks what the rule
+needs (the rule FAILs) and ConfigError for a name that is not known at all (a usage error)."""
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..errors import ConfigError, suggest
-from .rules import Expectations, Rule, selector
+from .rules import (
+    Expectations,
+    Rule,
+    RuleInput,
+    parse_failed_images,
+    parse_metric,
+    parse_predicted_in,
+    parse_run,
+    parse_sanity,
+    selector,
+)
 
 # Per-explanation fields every run writes (docs/architecture.md, scores.jsonl); with the keys the
 # registered metrics return, the names a rule may use even when the run at hand lacks them.
@@ -20,6 +34,8 @@ ENTRY_FIELDS = ("method", "layer", "target", "map", "files", "metrics")
 
 @dataclass(frozen=True)
 class Outcome:
+    """A rule's result: PASS/FAIL, the measured number (None when the run lacks it) and how."""
+
     rule: Rule
     passed: bool
     measured: float | None
@@ -33,11 +49,34 @@ class Outcome:
                 "n": self.n, "detail": self.detail}
 
 
+class Measurement(NamedTuple):
+    """What a measure function returns: the number, how it was measured, what it covers."""
+
+    value: float
+    detail: str
+    n: int  # images (or values) the measurement covers
+
+
+class Missing(Exception):
+    """The run lacks what a rule needs; the rule FAILs with this message (never passes on nothing)."""
+
+
+@dataclass(frozen=True)
+class RunData:
+    """What rules are measured against, with what :func:`evaluate` derives from it once."""
+
+    records: Sequence[Mapping[str, Any]]  # scores.jsonl
+    run: Mapping[str, Any] | None  # run.json; None when there is none
+    sanity: Mapping[tuple[int, int, tuple[str, ...]], Mapping[str, Any]]  # reports by Rule.sanity_key
+    methods: list[str]  # run_methods
+    vocabulary: set[str]  # known_metric_names
+
 
 _MISSING = object()
 
 
 def _walk(obj: Any, parts: Sequence[str]) -> Any:
+    """The value at a dotted path's parts (mapping keys, list indices), or _MISSING."""
     for p in parts:
         if isinstance(obj, Mapping) and p in obj:
             obj = obj[p]
@@ -59,6 +98,7 @@ def lookup(record: Mapping[str, Any], entry: Mapping[str, Any], path: str) -> An
 
 
 def _number(v: Any) -> float | None:
+    """A bool or finite int/float as a float; None for anything else (NaN and inf included)."""
     if isinstance(v, bool):
         return float(v)
     if isinstance(v, (int, float)):
@@ -67,6 +107,7 @@ def _number(v: Any) -> float | None:
 
 
 def _aggregate(values: list[float], how: str) -> float:
+    """mean, median, min, max, or fraction_true (the fraction of values that are not 0)."""
     if how == "mean":
         return sum(values) / len(values)
     if how == "median":
@@ -93,6 +134,7 @@ def known_metric_names(records: Sequence[Mapping[str, Any]]) -> set[str]:
 
 
 def _present_fields(records: Sequence[Mapping[str, Any]], method: str) -> list[str]:
+    """The numeric fields the method's explanations carry, for messages about an absent metric."""
     out: set[str] = set()
     for r in records:
         for e in r.get("explanations") or []:
@@ -106,6 +148,7 @@ def _present_fields(records: Sequence[Mapping[str, Any]], method: str) -> list[s
 
 
 def run_methods(records: Sequence[Mapping[str, Any]], run: Mapping[str, Any] | None = None) -> list[str]:
+    """The run's methods in order: run.json's, then any other the records' explanations name."""
     names: list[str] = []
     for m in (run or {}).get("methods") or []:
         if isinstance(m, Mapping) and m.get("name") not in names:
@@ -117,90 +160,64 @@ def run_methods(records: Sequence[Mapping[str, Any]], run: Mapping[str, Any] | N
     return names
 
 
-
-def evaluate(
-    exp: Expectations,
-    records: Sequence[Mapping[str, Any]],
-    run: Mapping[str, Any] | None = None,
-    sanity: Mapping[tuple[int, int, tuple[str, ...]], Mapping[str, Any]] | None = None,
-) -> list[Outcome]:
-    """Every rule against a run's scores.jsonl records (and run.json, and the sanity reports by
-    :meth:`Rule.sanity_key`). Raises ConfigError for names that are unknown (see module doc)."""
-    methods = run_methods(records, run)
-    vocabulary = known_metric_names(records)
-    outcomes = []
-    for rule in exp.rules:
-        outcomes.append(_evaluate(rule, records, run, sanity or {}, methods, vocabulary))
-    return outcomes
+# --------------------------------------------------------------------------------------------
+# One measure function per kind
 
 
-def _evaluate(rule: Rule, records: Sequence[Mapping[str, Any]], run: Mapping[str, Any] | None,
-              sanity: Mapping[Any, Mapping[str, Any]], methods: list[str], vocabulary: set[str]) -> Outcome:
-    b = rule.bounds
-
-    def measured(v: float, detail: str, n: int) -> Outcome:
-        return Outcome(rule, b.holds(v), v, detail, n)
-
-    def missing(detail: str) -> Outcome:
-        return Outcome(rule, False, None, detail)
-
-    if rule.kind == "run":
-        assert rule.run_field is not None
-        if run is None:
-            return missing("no run.json to read")
-        v = _walk(run, rule.run_field.split("."))
-        if v is _MISSING:
-            top = sorted(run) if isinstance(run, Mapping) else []
-            return missing(f"run.json has no {rule.run_field} ({suggest(rule.run_field.split('.')[0], top)})")
-        num = _number(v)
-        if num is None:
-            return missing(f"run.json {rule.run_field} is {type(v).__name__} {v!r}, not a number")
-        return measured(num, f"run.json {rule.run_field}", 1)
-
-    if rule.kind == "sanity":
-        assert rule.sanity is not None
-        rep = sanity.get(rule.sanity_key())
-        m = (rep or {}).get("methods", {}).get(rule.sanity.method)
-        if m is None:
-            return missing(f"no sanity result for {rule.sanity.method}")
-        v = m["full_randomization"][rule.sanity.measure]
-        n = len(rep.get("images") or []) if rep else 0
-        steps = len(rep.get("steps") or []) - 1 if rep else 0
-        return measured(float(v), f"mean {rule.sanity.measure} of {n} images after {steps} randomization step(s)", n)
-
+def _selected(rule: Rule, records: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], str]:
+    """The records the rule's globs select, and " matching GLOBS" for its details."""
     keep = selector(rule.images)
     chosen = [r for r in records if keep(str(r.get("path", "")))]
     where = f" matching {', '.join(rule.images)}" if rule.images else ""
     if not chosen:
-        return missing(f"no images{where} in the run")
+        raise Missing(f"no images{where} in the run")
+    return chosen, where
 
-    if rule.kind == "failed_images":
-        bad = sum(1 for r in chosen if r.get("status") != "ok")
-        if rule.fraction:
-            return measured(bad / len(chosen), f"{bad} of {len(chosen)} images{where} failed", len(chosen))
-        return measured(float(bad), f"{bad} of {len(chosen)} images{where} failed", len(chosen))
 
+def _processed(rule: Rule, records: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], str]:
+    """The selected records whose image was processed, and " matching GLOBS"."""
+    chosen, where = _selected(rule, records)
     ok = [r for r in chosen if r.get("status") == "ok"]
     if not ok:
-        return missing(f"none of the {len(chosen)} images{where} was processed")
+        raise Missing(f"none of the {len(chosen)} images{where} was processed")
+    return ok, where
 
-    if rule.kind == "predicted_in":
-        want_idx = {c for c in rule.classes if isinstance(c, int)}
-        want_lab = {c.lower() for c in rule.classes if isinstance(c, str)}
-        hits, off = 0, []
-        for r in ok:
-            top = (r.get("topk") or [{}])[0]
-            if top.get("index") in want_idx or str(top.get("label", "")).lower() in want_lab:
-                hits += 1
-            else:
-                off.append(f"{r['path']} -> {top.get('label', top.get('index'))}")
-        detail = f"{hits} of {len(ok)} images{where}"
-        if off:
-            detail += "; not: " + ", ".join(off[:3]) + (f" (+{len(off) - 3})" if len(off) > 3 else "")
-        return measured(hits / len(ok), detail, len(ok))
 
-    # metric
+def measure_predicted_in(rule: Rule, data: RunData) -> Measurement:
+    """The fraction of processed images whose top-1 class is one of the rule's (names ignore case)."""
+    ok, where = _processed(rule, data.records)
+    want_idx = {c for c in rule.classes if isinstance(c, int)}
+    want_lab = {c.lower() for c in rule.classes if isinstance(c, str)}
+    hits, off = 0, []
+    for r in ok:
+        top = (r.get("topk") or [{}])[0]
+        if top.get("index") in want_idx or str(top.get("label", "")).lower() in want_lab:
+            hits += 1
+        else:
+            off.append(f"{r['path']} -> {top.get('label', top.get('index'))}")
+    detail = f"{hits} of {len(ok)} images{where}"
+    if off:
+        detail += "; not: " + ", ".join(off[:3]) + (f" (+{len(off) - 3})" if len(off) > 3 else "")
+    return Measurement(hits / len(ok), detail, len(ok))
+
+
+def measure_metric(rule: Rule, data: RunData) -> Measurement:
+    """A per-explanation number of one method (see :func:`lookup`), aggregated over the processed
+    images; explanations without it are counted in the detail."""
     assert rule.metric is not None
+    ok, where = _processed(rule, data.records)
+    method = _metric_method(rule, data.methods)
+    values, kinds = _metric_values(ok, method, rule.metric.removeprefix("metrics."))
+    if not values:
+        raise _no_values(rule, data, method, kinds, where)
+    v = _aggregate(values, rule.aggregate)
+    n_expl = sum(1 for r in ok for e in r.get("explanations") or [] if e.get("method") == method)
+    note = f" ({n_expl - len(values)} without a value)" if len(values) < n_expl else ""
+    return Measurement(v, f"{rule.aggregate} of {len(values)} values, {method}{where}{note}", len(values))
+
+
+def _metric_method(rule: Rule, methods: list[str]) -> str:
+    """The method a metric rule reads: its own, or the run's only one."""
     method = rule.method
     if method is None:
         if len(methods) != 1:
@@ -208,11 +225,16 @@ def _evaluate(rule: Rule, records: Sequence[Mapping[str, Any]], run: Mapping[str
                               "say which with method:")
         method = methods[0]
     if method not in methods:
-        return missing(f"method {method} is not in the run (it has {', '.join(methods) or 'none'})")
-    path = rule.metric.removeprefix("metrics.")
+        raise Missing(f"method {method} is not in the run (it has {', '.join(methods) or 'none'})")
+    return method
+
+
+def _metric_values(records: Sequence[Mapping[str, Any]], method: str, path: str) -> tuple[list[float], set[str]]:
+    """The numbers at ``path`` in the method's explanations (null left out), and the type names
+    of the values there that are not finite numbers."""
     values: list[float] = []
     kinds: set[str] = set()
-    for r in ok:
+    for r in records:
         for e in r.get("explanations") or []:
             if e.get("method") != method:
                 continue
@@ -224,18 +246,103 @@ def _evaluate(rule: Rule, records: Sequence[Mapping[str, Any]], run: Mapping[str
                 kinds.add(type(v).__name__)
                 continue
             values.append(num)
-    if kinds and not values:
-        raise ConfigError(f"rule {rule.name!r}: metric {rule.metric!r} is a {'/'.join(sorted(kinds))}, not a number",
-                          "point at one number inside it, e.g. box_iou.0")
-    if not values:
-        head = path.split(".")[0]
-        if head not in vocabulary:
-            raise ConfigError(f"rule {rule.name!r}: unknown metric {rule.metric!r}",
-                              suggest(head, sorted(vocabulary | set(_present_fields(records, method)))))
-        present = _present_fields(records, method)
-        return missing(f"{rule.metric} is absent for {method}{where}: switch on the metric that computes it "
-                       f"(metrics: in the config or --metrics); present: {', '.join(present) or 'none'}")
-    v = _aggregate(values, rule.aggregate)
-    n_expl = sum(1 for r in ok for e in r.get("explanations") or [] if e.get("method") == method)
-    note = f" ({n_expl - len(values)} without a value)" if len(values) < n_expl else ""
-    return measured(v, f"{rule.aggregate} of {len(values)} values, {method}{where}{note}", len(values))
+    return values, kinds
+
+
+def _no_values(rule: Rule, data: RunData, method: str, kinds: set[str], where: str) -> Exception:
+    """Why a metric rule found no number: a usage error when the name holds no number or is not
+    known at all, else Missing (a known metric that was not switched on)."""
+    assert rule.metric is not None
+    if kinds:
+        return ConfigError(f"rule {rule.name!r}: metric {rule.metric!r} is a {'/'.join(sorted(kinds))}, not a number",
+                           "point at one number inside it, e.g. box_iou.0")
+    head = rule.metric.removeprefix("metrics.").split(".")[0]
+    if head not in data.vocabulary:
+        return ConfigError(f"rule {rule.name!r}: unknown metric {rule.metric!r}",
+                           suggest(head, sorted(data.vocabulary | set(_present_fields(data.records, method)))))
+    present = _present_fields(data.records, method)
+    return Missing(f"{rule.metric} is absent for {method}{where}: switch on the metric that computes it "
+                   f"(metrics: in the config or --metrics); present: {', '.join(present) or 'none'}")
+
+
+def measure_failed_images(rule: Rule, data: RunData) -> Measurement:
+    """The selected images that could not be processed: a count, or a fraction."""
+    chosen, where = _selected(rule, data.records)
+    bad = sum(1 for r in chosen if r.get("status") != "ok")
+    value = bad / len(chosen) if rule.fraction else float(bad)
+    return Measurement(value, f"{bad} of {len(chosen)} images{where} failed", len(chosen))
+
+
+def measure_sanity(rule: Rule, data: RunData) -> Measurement:
+    """The sanity report's mean similarity at full randomisation, for the rule's method and measure."""
+    spec = rule.sanity
+    assert spec is not None
+    rep = data.sanity.get(rule.sanity_key())
+    m = (rep or {}).get("methods", {}).get(spec.method)
+    if m is None:
+        raise Missing(f"no sanity result for {spec.method}")
+    v = m["full_randomization"][spec.measure]
+    n = len(rep.get("images") or []) if rep else 0
+    steps = len(rep.get("steps") or []) - 1 if rep else 0
+    return Measurement(float(v), f"mean {spec.measure} of {n} images after {steps} randomization step(s)", n)
+
+
+def measure_run(rule: Rule, data: RunData) -> Measurement:
+    """The number at a dotted path of run.json."""
+    assert rule.run_field is not None
+    if data.run is None:
+        raise Missing("no run.json to read")
+    v = _walk(data.run, rule.run_field.split("."))
+    if v is _MISSING:
+        top = sorted(data.run) if isinstance(data.run, Mapping) else []
+        raise Missing(f"run.json has no {rule.run_field} ({suggest(rule.run_field.split('.')[0], top)})")
+    num = _number(v)
+    if num is None:
+        raise Missing(f"run.json {rule.run_field} is {type(v).__name__} {v!r}, not a number")
+    return Measurement(num, f"run.json {rule.run_field}", 1)
+
+
+# --------------------------------------------------------------------------------------------
+# The table of kinds
+
+
+@dataclass(frozen=True)
+class RuleKind:
+    """One kind of rule: which of rules.SHARED_KEYS it takes, how its YAML becomes a Rule, and
+    how a run is measured for it."""
+
+    keys: tuple[str, ...]
+    parse: Callable[[RuleInput], Rule]
+    measure: Callable[[Rule, RunData], Measurement]
+
+
+# In the order error messages list them. A rule has exactly one of these keys.
+RULE_KINDS: dict[str, RuleKind] = {
+    "predicted_in": RuleKind(("images", "at_least", "at_most"), parse_predicted_in, measure_predicted_in),
+    "metric": RuleKind(("method", "aggregate", "images", "at_least", "at_most"), parse_metric, measure_metric),
+    "failed_images": RuleKind(("images",), parse_failed_images, measure_failed_images),
+    "sanity": RuleKind(("method", "images"), parse_sanity, measure_sanity),
+    "run": RuleKind(("at_least", "at_most"), parse_run, measure_run),
+}
+KINDS: tuple[str, ...] = tuple(RULE_KINDS)
+
+
+def measure_rule(rule: Rule, data: RunData) -> Outcome:
+    """One rule through its kind's measure function, against its bounds."""
+    try:
+        m = RULE_KINDS[rule.kind].measure(rule, data)
+    except Missing as e:
+        return Outcome(rule, False, None, str(e))
+    return Outcome(rule, rule.bounds.holds(m.value), m.value, m.detail, m.n)
+
+
+def evaluate(
+    exp: Expectations,
+    records: Sequence[Mapping[str, Any]],
+    run: Mapping[str, Any] | None = None,
+    sanity: Mapping[tuple[int, int, tuple[str, ...]], Mapping[str, Any]] | None = None,
+) -> list[Outcome]:
+    """Every rule against a run's scores.jsonl records (and run.json, and the sanity reports by
+    :meth:`Rule.sanity_key`). Raises ConfigError for names that are unknown (see package doc)."""
+    data = RunData(records, run, sanity or {}, run_methods(records, run), known_metric_names(records))
+    return [measure_rule(rule, data) for rule in exp.rules]

@@ -1,5 +1,5 @@
-"""The expectations file of `xai check`: its YAML schema, the rules it parses into, and the
-globs that select images (see the package docstring for the rule kinds)."""
+"""The expectations file of `xai check`: its YAML schema, the rules it parses into, one parse
+function per rule kind, and the globs that select images (see the package docstring)."""
 
 from __future__ import annotations
 
@@ -15,17 +15,20 @@ from ..config import build_dataclass, non_negative, positive
 from ..errors import ConfigError, suggest
 
 Aggregate = Literal["mean", "median", "min", "max", "fraction_true"]
-Kind = Literal["predicted_in", "metric", "failed_images", "sanity", "run"]
-KINDS: tuple[str, ...] = ("predicted_in", "metric", "failed_images", "sanity", "run")
 SANITY_MEASURES = {
     "spearman_at_full_randomization": "spearman_abs",
     "signed_spearman_at_full_randomization": "spearman",
     "ssim_at_full_randomization": "ssim",
 }
+# Keys a rule may give beside its kind's own, in the order they are checked; each kind of
+# measure.RULE_KINDS says which of them it takes.
+SHARED_KEYS = ("method", "aggregate", "images", "at_least", "at_most")
 
 
 @dataclass(frozen=True)
 class Bounds:
+    """A rule's bounds: it passes when the measured number is at least / at most these."""
+
     at_least: float | None = None
     at_most: float | None = None
 
@@ -51,8 +54,10 @@ class SanitySpec:
 
 @dataclass(frozen=True)
 class Rule:
+    """One parsed rule: its kind (a key of measure.RULE_KINDS), bounds, globs and what its kind reads."""
+
     name: str
-    kind: Kind
+    kind: str
     bounds: Bounds
     images: tuple[str, ...] = ()
     method: str | None = None
@@ -70,6 +75,8 @@ class Rule:
 
 @dataclass(frozen=True)
 class Expectations:
+    """A parsed expectations file: its rules in order, and the file they came from."""
+
     rules: tuple[Rule, ...]
     source: str | None = None
 
@@ -121,13 +128,8 @@ class _SanityFields:
     max_images: int = field(default=16, metadata={"check": positive})
 
 
-# Keys that only make sense with some kinds.
-_ONLY_FOR = {"method": ("metric", "sanity"), "aggregate": ("metric",), "images": ("predicted_in", "metric",
-             "failed_images", "sanity"), "at_least": ("predicted_in", "metric", "run"),
-             "at_most": ("predicted_in", "metric", "run")}
-
-
 def _bounds(b: Any, path: str) -> Bounds:
+    """Bounds from anything with ``at_least`` / ``at_most``: at least one, and not crossed."""
     at_least, at_most = b.at_least, b.at_most
     if at_least is None and at_most is None:
         raise ConfigError(f"{path}: give at_least, at_most or both")
@@ -136,74 +138,122 @@ def _bounds(b: Any, path: str) -> Bounds:
     return Bounds(at_least, at_most)
 
 
-def parse_rule(data: Any, path: str, default_method: str | None = None) -> Rule:
-    """One rule mapping -> Rule; every mistake is a ConfigError naming its key path."""
+def _method_name(name: str | None, path: str) -> str | None:
+    """A ``method:`` as its registered name (unknown names: close matches); None when not given."""
     from ..methods import get_method
 
-    raw = build_dataclass(_RuleFields, data, path)
-    given = set(data)
-    kinds = [k for k in KINDS if k in given]
-    if len(kinds) != 1:
-        what = "none" if not kinds else ", ".join(kinds)
-        raise ConfigError(f"{path}: a rule checks exactly one of {', '.join(KINDS)}; got {what}")
-    kind = kinds[0]
-    for key, allowed in _ONLY_FOR.items():
-        if key in given and kind not in allowed:
-            hint = "put the bound inside it, e.g. failed_images: {at_most: 0}" if key.startswith("at_") else None
-            raise ConfigError(f"{path}.{key}: does not apply to a {kind} rule", hint)
-    images = (raw.images,) if isinstance(raw.images, str) else tuple(raw.images or ())
-    for g in images:
+    return get_method(name, path=path).name if name else None
+
+
+def _globs(images: str | tuple[str, ...] | None, path: str) -> tuple[str, ...]:
+    """The ``images:`` glob or globs, each checked to compile."""
+    globs = (images,) if isinstance(images, str) else tuple(images or ())
+    for g in globs:
         if not g.strip():
             raise ConfigError(f"{path}.images: empty glob")
         glob_regex(g)
-    method = get_method(raw.method, path=f"{path}.method").name if raw.method else None
-    top = _BoundFields(raw.at_least, raw.at_most)
-    name = raw.name
-    if kind == "predicted_in":
-        classes = raw.predicted_in if isinstance(raw.predicted_in, tuple) else (raw.predicted_in,)
-        if not classes:
-            raise ConfigError(f"{path}.predicted_in: give at least one class name or index")
-        for c in classes:
-            if isinstance(c, int) and c < 0:
-                raise ConfigError(f"{path}.predicted_in: class index must be >= 0, got {c}")
-        bounds = Bounds(at_least=1.0) if raw.at_least is None and raw.at_most is None else _bounds(top, path)
-        return Rule(name or f"predicted in {list(classes)}", "predicted_in", bounds, images, classes=classes)
-    if kind == "metric":
-        metric = (raw.metric or "").strip()
-        if not metric or any(not p for p in metric.split(".")):
-            raise ConfigError(f"{path}.metric: expected a field name such as energy or target.prob, got {raw.metric!r}")
-        return Rule(name or f"{raw.aggregate} {metric}" + (f" ({method})" if method else ""), "metric",
-                    _bounds(top, path), images, method=method, metric=metric, aggregate=raw.aggregate)
-    if kind == "failed_images":
-        f = build_dataclass(_FailedFields, raw.failed_images, f"{path}.failed_images")
-        if f.fraction and f.at_most is not None and f.at_most > 1:
-            raise ConfigError(f"{path}.failed_images.at_most: a fraction is at most 1, got {f.at_most}")
-        return Rule(name or "failed images", "failed_images", _bounds(f, f"{path}.failed_images"), images,
-                    fraction=f.fraction)
-    if kind == "sanity":
-        sp = f"{path}.sanity"
-        s = build_dataclass(_SanityFields, raw.sanity, sp)
-        measures = [k for k in SANITY_MEASURES if getattr(s, k) is not None]
-        if len(measures) != 1:
-            raise ConfigError(f"{sp}: give exactly one of {', '.join(SANITY_MEASURES)} with its bound, e.g. "
-                              "spearman_at_full_randomization: {at_most: 0.5}")
-        b = _bounds(build_dataclass(_BoundFields, getattr(s, measures[0]), f"{sp}.{measures[0]}"),
-                    f"{sp}.{measures[0]}")
-        sm = get_method(s.method, path=f"{sp}.method").name if s.method else method
-        if sm and method and sm != method:
-            raise ConfigError(f"{sp}.method: {sm!r} differs from the rule's method {method!r}")
-        sm = sm or default_method
-        if sm is None:
-            raise ConfigError(f"{sp}.method: name the method to test, e.g. method: gradcam")
-        spec = SanitySpec(sm, SANITY_MEASURES[measures[0]], s.steps, s.max_images)
-        return Rule(name or f"sanity {sm} {measures[0]}", "sanity", b, images, method=sm, sanity=spec)
-    field_path = (raw.run or "").strip()
+    return globs
+
+
+@dataclass(frozen=True)
+class RuleInput:
+    """One rule as written, after the checks every kind shares: what a kind's parse function gets."""
+
+    raw: _RuleFields
+    path: str  # the rule's key path for error messages, e.g. "rules[2] (cats)"
+    images: tuple[str, ...]
+    method: str | None  # the rule's method:, as registered
+    default_method: str | None  # the config's method when it has exactly one
+
+
+def parse_rule(data: Any, path: str, default_method: str | None = None) -> Rule:
+    """One rule mapping -> Rule; every mistake is a ConfigError naming its key path. The keys
+    all kinds share are checked here, the rest by the kind's own parse function."""
+    # The table of kinds pairs this module's parse functions with measure.py's; imported when
+    # called, since measure.py imports this module.
+    from .measure import RULE_KINDS
+
+    raw = build_dataclass(_RuleFields, data, path)
+    given = set(data)
+    kinds = [k for k in RULE_KINDS if k in given]
+    if len(kinds) != 1:
+        what = "none" if not kinds else ", ".join(kinds)
+        raise ConfigError(f"{path}: a rule checks exactly one of {', '.join(RULE_KINDS)}; got {what}")
+    kind = kinds[0]
+    for key in SHARED_KEYS:
+        if key in given and key not in RULE_KINDS[kind].keys:
+            hint = "put the bound inside it, e.g. failed_images: {at_most: 0}" if key.startswith("at_") else None
+            raise ConfigError(f"{path}.{key}: does not apply to a {kind} rule", hint)
+    images = _globs(raw.images, path)
+    method = _method_name(raw.method, f"{path}.method")
+    return RULE_KINDS[kind].parse(RuleInput(raw, path, images, method, default_method))
+
+
+def parse_predicted_in(r: RuleInput) -> Rule:
+    """``predicted_in: [names or indices]``; without bounds, every selected image must be one."""
+    raw = r.raw
+    # (`predicted_in: null` passes as (None,), a class no prediction matches.)
+    classes: tuple[Any, ...] = raw.predicted_in if isinstance(raw.predicted_in, tuple) else (raw.predicted_in,)
+    if not classes:
+        raise ConfigError(f"{r.path}.predicted_in: give at least one class name or index")
+    for c in classes:
+        if isinstance(c, int) and c < 0:
+            raise ConfigError(f"{r.path}.predicted_in: class index must be >= 0, got {c}")
+    bounds = Bounds(at_least=1.0) if raw.at_least is None and raw.at_most is None else _bounds(raw, r.path)
+    return Rule(raw.name or f"predicted in {list(classes)}", "predicted_in", bounds, r.images, classes=classes)
+
+
+def parse_metric(r: RuleInput) -> Rule:
+    """``metric: NAME`` (a dotted path) with an optional ``method`` and ``aggregate``."""
+    raw = r.raw
+    metric = (raw.metric or "").strip()
+    if not metric or any(not p for p in metric.split(".")):
+        raise ConfigError(f"{r.path}.metric: expected a field name such as energy or target.prob, got {raw.metric!r}")
+    name = raw.name or f"{raw.aggregate} {metric}" + (f" ({r.method})" if r.method else "")
+    return Rule(name, "metric", _bounds(raw, r.path), r.images, method=r.method, metric=metric,
+                aggregate=raw.aggregate)
+
+
+def parse_failed_images(r: RuleInput) -> Rule:
+    """``failed_images: {at_most: N}``: a count, or with ``fraction: true`` a fraction (at most 1)."""
+    path = f"{r.path}.failed_images"
+    f = build_dataclass(_FailedFields, r.raw.failed_images, path)
+    if f.fraction and f.at_most is not None and f.at_most > 1:
+        raise ConfigError(f"{path}.at_most: a fraction is at most 1, got {f.at_most}")
+    return Rule(r.raw.name or "failed images", "failed_images", _bounds(f, path), r.images, fraction=f.fraction)
+
+
+def parse_sanity(r: RuleInput) -> Rule:
+    """``sanity: {method, one measure with its bound, steps, max_images}``; the method defaults to
+    the rule's, then to the config's only one."""
+    sp = f"{r.path}.sanity"
+    s = build_dataclass(_SanityFields, r.raw.sanity, sp)
+    measures = [k for k in SANITY_MEASURES if getattr(s, k) is not None]
+    if len(measures) != 1:
+        raise ConfigError(f"{sp}: give exactly one of {', '.join(SANITY_MEASURES)} with its bound, e.g. "
+                          "spearman_at_full_randomization: {at_most: 0.5}")
+    key = measures[0]
+    bounds = _bounds(build_dataclass(_BoundFields, getattr(s, key), f"{sp}.{key}"), f"{sp}.{key}")
+    method = _method_name(s.method, f"{sp}.method") or r.method
+    if method and r.method and method != r.method:
+        raise ConfigError(f"{sp}.method: {method!r} differs from the rule's method {r.method!r}")
+    method = method or r.default_method
+    if method is None:
+        raise ConfigError(f"{sp}.method: name the method to test, e.g. method: gradcam")
+    spec = SanitySpec(method, SANITY_MEASURES[key], s.steps, s.max_images)
+    return Rule(r.raw.name or f"sanity {method} {key}", "sanity", bounds, r.images, method=method, sanity=spec)
+
+
+def parse_run(r: RuleInput) -> Rule:
+    """``run: DOTTED.PATH`` into run.json."""
+    field_path = (r.raw.run or "").strip()
     if not field_path:
-        raise ConfigError(f"{path}.run: expected a dotted path into run.json such as counts.ok")
-    return Rule(name or f"run.json {field_path}", "run", _bounds(top, path), run_field=field_path)
+        raise ConfigError(f"{r.path}.run: expected a dotted path into run.json such as counts.ok")
+    return Rule(r.raw.name or f"run.json {field_path}", "run", _bounds(r.raw, r.path), run_field=field_path)
 
 
 def expectations_from_dict(data: Any, source: str | None = None, default_method: str | None = None) -> Expectations:
+    """A parsed expectations mapping: version 1, at least one rule, names unique."""
     f = build_dataclass(_FileFields, data, "")
     if f.version != 1:
         raise ConfigError(f"version: expected 1, got {f.version}")
@@ -283,13 +333,14 @@ def selector(globs: Sequence[str]) -> Callable[[str], bool]:
     regs = [glob_regex(g) for g in globs]
     return lambda path: any(r.match(path) for r in regs)
 
+
 def _fmt(v: float | None) -> str:
+    """A number as the reports show it: integers without a point, else 4 significant digits."""
     if v is None:
         return "-"
     if float(v).is_integer() and abs(v) < 1e9:
         return str(int(v))
     return f"{v:.4g}"
-
 
 
 def check_classes(exp: Expectations, labels: Sequence[str] | None, n_classes: int | None = None) -> None:
