@@ -27,7 +27,8 @@ scores field nor present in the run - is a usage error (exit 2) with the close m
 
 Layout: :mod:`.rules` reads the expectations file (the YAML schema, one parse function per kind,
 globs); :mod:`.measure` holds one measure function per kind and :data:`~.measure.RULE_KINDS`, the
-table that pairs them (a new kind is one entry there); :mod:`.report` writes JUnit XML and the
+table that pairs them (a new kind: its key in the schema, a parse and a measure function, one
+entry in the table); :mod:`.report` writes JUnit XML and the
 rich table; this module runs the whole check (:func:`run_check`).
 """
 
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ModelConfig, build_dataclass
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from .measure import (
     ENTRY_FIELDS,
     KINDS,
@@ -95,6 +96,7 @@ def labels_for(model: ModelConfig) -> list[str] | None:
 
 
 def model_of_run(run: Mapping[str, Any]) -> ModelConfig | None:
+    """The model section of a run.json's config, when it is a valid one."""
     m = (run.get("config") or {}).get("model")
     if not isinstance(m, Mapping):
         return None
@@ -110,6 +112,8 @@ def model_of_run(run: Mapping[str, Any]) -> ModelConfig | None:
 
 @dataclass
 class CheckResult:
+    """What `xai check` found: the outcome of every rule, and the run it read."""
+
     outcomes: list[Outcome]
     run_dir: Path | None
     run: dict[str, Any] | None
@@ -143,74 +147,101 @@ def run_check(
     """Explain ``images`` with ``cfg`` into ``out`` (a temporary folder when None), or read the
     existing run in ``run_dir``; run the sanity test where a rule needs it; evaluate the rules.
     With ``out``, check.json (and sanity.json) are written there."""
-    import json
-    import tempfile
     import time
 
-    from ..errors import InputError
-    from ..outputs import RUN, SCORES, read_scores, write_json
+    from ..outputs import write_json
 
     t0 = time.perf_counter()
     default_method = cfg.method[0] if len(cfg.method) == 1 else None
     exp = load_expectations(expect, default_method)
     if run_dir is None and images is None:
         raise ConfigError("give IMAGES to explain, or --run DIR to check an existing run")
-    tmp: tempfile.TemporaryDirectory[str] | None = None
+    if run_dir is not None:
+        records, run = _read_run_dir(run_dir)
+        model = model_of_run(run) if run else None
+        check_classes(exp, labels_for(model) if model else None, (run or {}).get("n_classes"))
+    else:
+        assert images is not None
+        check_classes(exp, labels_for(cfg.model))
+        records, run = _explain(cfg, images, out, progress=progress, overwrite=overwrite, argv=argv)
+        check_classes(exp, None, run.get("n_classes"))
+    sanity: dict[Any, dict[str, Any]] = {}
+    groups = _sanity_groups(exp)
+    if groups:
+        source = images if images is not None else Path(str((run or {}).get("input") or ""))
+        sanity = _run_sanity(groups, cfg, source, out, sanity_progress)
     try:
-        if run_dir is not None:
-            if not (run_dir / SCORES).is_file():
-                raise InputError(f"--run {run_dir}: no {SCORES} there", "point --run at the --out folder of `xai explain`")
-            records = read_scores(run_dir / SCORES)
-            try:
-                run = json.loads((run_dir / RUN).read_text(encoding="utf-8")) if (run_dir / RUN).is_file() else None
-            except (OSError, ValueError):
-                run = None
-            model = model_of_run(run) if run else None
-            check_classes(exp, labels_for(model) if model else None, (run or {}).get("n_classes"))
-            where = run_dir
-        else:
-            assert images is not None
-            from ..engine import run_explain
+        outcomes = evaluate(exp, records, run, sanity)
+    except ConfigError as e:
+        raise ConfigError(f"{expect}: {e.message}", e.hint) from None
+    res = CheckResult(outcomes, run_dir if run_dir is not None else out, run, records, sanity,
+                      time.perf_counter() - t0)
+    if out is not None:
+        write_json(out / "check.json", {**res.to_dict(), "expectations": str(expect)})
+    return res
 
-            check_classes(exp, labels_for(cfg.model))
-            if out is None:
-                tmp = tempfile.TemporaryDirectory(prefix="xai-check-")
-                where = Path(tmp.name)
-            else:
-                where = out
-            result = run_explain(cfg, images, where, progress=progress, overwrite=overwrite, argv=argv)
-            records, run = read_scores(where / SCORES), result.run
-            check_classes(exp, None, run.get("n_classes"))
-        sanity_reports: dict[Any, dict[str, Any]] = {}
-        groups: dict[Any, list[str]] = {}
-        for r in exp.rules:
-            if r.sanity is not None:
-                groups.setdefault(r.sanity_key(), [])
-                if r.sanity.method not in groups[r.sanity_key()]:
-                    groups[r.sanity_key()].append(r.sanity.method)
-        if groups:
-            from ..metrics.sanity import run_sanity
 
-            source = images if images is not None else Path(str((run or {}).get("input") or ""))
-            if not str(source) or not source.exists():
-                raise ConfigError("a sanity rule needs the images: give IMAGES with --run")
-            for i, (key, methods) in enumerate(groups.items()):
-                steps, max_images, globs = key
-                sub = dataclasses.replace(cfg, method=tuple(methods))
-                rep = run_sanity(sub, source, steps=steps, max_images=max_images, select=selector(globs),
-                                 progress=sanity_progress() if sanity_progress else None).report
-                sanity_reports[key] = rep
-                if out is not None:
-                    write_json(out / ("sanity.json" if i == 0 else f"sanity-{i + 1}.json"), rep)
-        try:
-            outcomes = evaluate(exp, records, run, sanity_reports)
-        except ConfigError as e:
-            raise ConfigError(f"{expect}: {e.message}", e.hint) from None
-        res = CheckResult(outcomes, run_dir if run_dir is not None else out, run, records, sanity_reports,
-                          time.perf_counter() - t0)
+def _read_run_dir(run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The scores.jsonl records and the run.json of an existing run folder (None when run.json is
+    absent or unreadable)."""
+    import json
+
+    from ..outputs import RUN, SCORES, read_scores
+
+    if not (run_dir / SCORES).is_file():
+        raise InputError(f"--run {run_dir}: no {SCORES} there", "point --run at the --out folder of `xai explain`")
+    records = read_scores(run_dir / SCORES)
+    try:
+        run = json.loads((run_dir / RUN).read_text(encoding="utf-8")) if (run_dir / RUN).is_file() else None
+    except (OSError, ValueError):
+        run = None
+    return records, run
+
+
+def _explain(cfg: Any, images: Path, out: Path | None, *, progress: Any, overwrite: bool,
+             argv: list[str] | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """`xai explain` of ``images`` into ``out`` (a temporary folder, removed after, when None):
+    its scores.jsonl records and run.json."""
+    import contextlib
+    import tempfile
+
+    from ..engine import run_explain
+    from ..outputs import SCORES, read_scores
+
+    with contextlib.ExitStack() as temporary:
+        where = out if out is not None else Path(temporary.enter_context(
+            tempfile.TemporaryDirectory(prefix="xai-check-")))
+        result = run_explain(cfg, images, where, progress=progress, overwrite=overwrite, argv=argv)
+        return read_scores(where / SCORES), result.run
+
+
+def _sanity_groups(exp: Expectations) -> dict[tuple[int, int, tuple[str, ...]], list[str]]:
+    """The sanity cascades the rules need: their methods by :meth:`Rule.sanity_key`, in rule order."""
+    groups: dict[tuple[int, int, tuple[str, ...]], list[str]] = {}
+    for r in exp.rules:
+        if r.sanity is not None:
+            methods = groups.setdefault(r.sanity_key(), [])
+            if r.sanity.method not in methods:
+                methods.append(r.sanity.method)
+    return groups
+
+
+def _run_sanity(groups: Mapping[tuple[int, int, tuple[str, ...]], list[str]], cfg: Any, source: Path,
+                out: Path | None, progress: Callable[[], Any] | None) -> dict[Any, dict[str, Any]]:
+    """One sanity cascade per group on the images in ``source``; each report also written to
+    ``out`` (sanity.json, sanity-2.json, ...)."""
+    from ..metrics.sanity import run_sanity
+    from ..outputs import write_json
+
+    if not str(source) or not source.exists():
+        raise ConfigError("a sanity rule needs the images: give IMAGES with --run")
+    reports: dict[Any, dict[str, Any]] = {}
+    for i, (key, methods) in enumerate(groups.items()):
+        steps, max_images, globs = key
+        sub = dataclasses.replace(cfg, method=tuple(methods))
+        rep = run_sanity(sub, source, steps=steps, max_images=max_images, select=selector(globs),
+                         progress=progress() if progress else None).report
+        reports[key] = rep
         if out is not None:
-            write_json(out / "check.json", {**res.to_dict(), "expectations": str(expect)})
-        return res
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+            write_json(out / ("sanity.json" if i == 0 else f"sanity-{i + 1}.json"), rep)
+    return reports
