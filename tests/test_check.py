@@ -12,7 +12,9 @@ import yaml
 from typer.testing import CliRunner
 
 from xaicli.check import (
+    Bounds,
     Outcome,
+    SanitySpec,
     evaluate,
     expectations_from_dict,
     glob_regex,
@@ -328,3 +330,171 @@ def test_the_readme_example_parses() -> None:
     assert [r.kind for r in exp.rules] == ["predicted_in", "metric", "metric", "metric", "failed_images", "sanity",
                                            "run"]
     assert exp.rules[0].classes == ("Egyptian cat", "tabby", "tiger cat", 282)
+
+
+# --------------------------------------------------------------------------------------------
+# Each rule kind on its own: the exact parse errors, default names and measured details
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        ({"name": "a", "metric": "energy", "run": "x", "at_least": 0},
+         "rules[0] (a): a rule checks exactly one of predicted_in, metric, failed_images, sanity, run; got metric, run"),
+        ({"run": "counts.ok", "images": "a/*", "method": "gradcam", "at_least": 0},
+         "rules[0].method: does not apply to a run rule"),
+        ({"predicted_in": [1], "aggregate": "min"}, "rules[0].aggregate: does not apply to a predicted_in rule"),
+        ({"run": "counts.ok", "images": "a/*", "at_least": 0}, "rules[0].images: does not apply to a run rule"),
+        ({"sanity": {}, "at_least": 0}, "rules[0].at_least: does not apply to a sanity rule"),
+        ({"metric": "energy", "images": ["a/*", " "], "at_least": 0}, "rules[0].images: empty glob"),
+        ({"predicted_in": []}, "rules[0].predicted_in: give at least one class name or index"),
+        ({"predicted_in": [1, -2]}, "rules[0].predicted_in: class index must be >= 0, got -2"),
+        ({"predicted_in": [1], "at_least": 0.7, "at_most": 0.5}, "rules[0]: at_least 0.7 is above at_most 0.5"),
+        ({"metric": "a..b", "at_least": 0},
+         "rules[0].metric: expected a field name such as energy or target.prob, got 'a..b'"),
+        ({"failed_images": {}}, "rules[0].failed_images: give at_least, at_most or both"),
+        ({"failed_images": {"fraction": True, "at_most": 2}},
+         "rules[0].failed_images.at_most: a fraction is at most 1, got 2.0"),
+        ({"sanity": {"method": "gradcam", "ssim_at_full_randomization": {}}},
+         "rules[0].sanity.ssim_at_full_randomization: give at_least, at_most or both"),
+        ({"method": "layercam", "sanity": {"method": "gradcam", "ssim_at_full_randomization": {"at_most": 1}}},
+         "rules[0].sanity.method: 'gradcam' differs from the rule's method 'layercam'"),
+        ({"run": " ", "at_least": 0}, "rules[0].run: expected a dotted path into run.json such as counts.ok"),
+    ],
+)
+def test_each_kind_parse_errors_name_the_key_path(rule: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        expectations_from_dict({"rules": [rule]})
+    assert e.value.message == message
+    if message.endswith("does not apply to a sanity rule"):
+        assert e.value.hint == "put the bound inside it, e.g. failed_images: {at_most: 0}"
+
+
+def test_each_kind_default_name_and_fields() -> None:
+    exp = expectations_from_dict({"rules": [
+        {"predicted_in": "tabby", "at_most": 0.5},
+        {"metric": " metrics.energy ", "method": "gradcam", "aggregate": "max", "images": "cats/**", "at_least": 0},
+        {"metric": "energy", "at_least": 0},
+        {"failed_images": {"at_most": 0.5, "fraction": True}, "images": ["a/*", "b/*"]},
+        {"method": "layercam", "images": "cats/**",
+         "sanity": {"signed_spearman_at_full_randomization": {"at_most": 0.3}, "steps": 2, "max_images": 4}},
+        {"run": " counts.ok ", "at_least": 1},
+    ]}, default_method="gradcam")
+    assert [(r.name, r.kind) for r in exp.rules] == [
+        ("predicted in ['tabby']", "predicted_in"), ("max metrics.energy (gradcam)", "metric"),
+        ("mean energy", "metric"), ("failed images", "failed_images"),
+        ("sanity layercam signed_spearman_at_full_randomization", "sanity"), ("run.json counts.ok", "run")]
+    p, m, m2, f, s, r = exp.rules
+    assert p.classes == ("tabby",) and p.bounds == Bounds(None, 0.5)
+    assert (m.metric, m.method, m.aggregate, m.images) == ("metrics.energy", "gradcam", "max", ("cats/**",))
+    assert m2.method is None  # the config's default method is for sanity rules only
+    assert f.fraction and f.images == ("a/*", "b/*") and f.bounds == Bounds(None, 0.5)
+    assert s.sanity == SanitySpec("layercam", "spearman", 2, 4) and s.method == "layercam"
+    assert s.sanity_key() == (2, 4, ("cats/**",)) and s.bounds == Bounds(None, 0.3)
+    assert r.run_field == "counts.ok" and r.bounds == Bounds(1, None)
+
+
+def test_each_kind_measured_detail() -> None:
+    many_off = [record(f"x/{i}.png", (i, f"c{i}")) for i in range(5)]
+    o = one({"name": "p", "predicted_in": [0]}, records=many_off)
+    assert o.measured == pytest.approx(0.2) and o.n == 5
+    assert o.detail == "1 of 5 images; not: x/1.png -> c1, x/2.png -> c2, x/3.png -> c3 (+1)"
+    o = one({"name": "p", "predicted_in": [0], "images": "dogs/b*"})
+    assert not o.passed and o.detail == "none of the 1 images matching dogs/b* was processed"
+    o = one({"name": "m", "method": "gradcam", "metric": "energy", "images": ["cats/**", "dogs/c.png"], "at_least": 0})
+    assert o.detail == "mean of 3 values, gradcam matching cats/**, dogs/c.png" and o.n == 3
+    o = one({"name": "f", "images": "dogs/*", "failed_images": {"at_most": 0.4, "fraction": True}})
+    assert (o.passed, o.measured, o.n, o.detail) == (False, 0.5, 2, "1 of 2 images matching dogs/* failed")
+    o = one({"name": "f", "images": "birds/*", "failed_images": {"at_most": 0}})
+    assert (o.passed, o.measured, o.detail) == (False, None, "no images matching birds/* in the run")
+    o = one({"name": "r", "run": "counts.ok", "at_least": 0}, run=None)
+    assert (o.measured, o.detail) == (None, "no run.json to read")
+    o = one({"name": "r", "run": "timings", "at_least": 0})
+    assert o.detail.startswith("run.json timings is dict {") and o.detail.endswith("}, not a number")
+    o = one({"name": "r", "run": "countz.ok", "at_least": 0})
+    assert o.detail == "run.json has no countz.ok (did you mean 'counts'?)"
+    o = one({"name": "r", "run": "counts.failed", "at_most": 0})
+    assert (o.passed, o.measured, o.n, o.detail) == (False, 1, 1, "run.json counts.failed")
+    rep = {"images": ["a", "b", "c"], "steps": [{}, {}, {}],
+           "methods": {"layercam": {"full_randomization": {"spearman_abs": 0.2, "spearman": -0.1, "ssim": 0.7}}}}
+    rule = {"name": "s", "method": "layercam", "images": "cats/**",
+            "sanity": {"steps": 2, "signed_spearman_at_full_randomization": {"at_most": -0.2}}}
+    o = one(rule, sanity={(2, 16, ("cats/**",)): rep})
+    assert (o.passed, o.measured, o.n) == (False, -0.1, 3)
+    assert o.detail == "mean spearman of 3 images after 2 randomization step(s)"
+    o = one(rule, sanity={(1, 16, ("cats/**",)): rep})
+    assert (o.measured, o.detail) == (None, "no sanity result for layercam")
+    assert o.to_dict() == {"name": "s", "kind": "sanity", "passed": False, "measured": None, "bound": "<= -0.2",
+                           "at_least": None, "at_most": -0.2, "n": 0, "detail": "no sanity result for layercam"}
+
+
+def test_metric_method_must_be_named_when_the_run_has_none_or_several() -> None:
+    with pytest.raises(ConfigError) as e:
+        one({"name": "w", "metric": "energy", "at_least": 0}, run=None)
+    assert e.value.message == "rule 'w': the run has methods gradcam, layercam; say which with method:"
+    only_gradcam = [{**r, "explanations": r["explanations"][:1]} for r in RECORDS[:3]]
+    assert one({"name": "w", "metric": "energy", "at_least": 0}, records=only_gradcam, run=None).n == 3
+    o = one({"name": "w", "method": "layercam", "metric": "energy", "at_least": 0}, records=only_gradcam, run=None)
+    assert o.detail == "method layercam is not in the run (it has gradcam)"
+
+
+def test_run_check_on_a_run_folder_reads_run_json_when_it_can(tmp_path: Path) -> None:
+    from xaicli.check import run_check
+    from xaicli.config import load_config
+
+    cfg = load_config(None)
+    run = write_run(tmp_path / "run")
+    rules = write_rules(tmp_path / "e.yaml", [{"name": "ok", "run": "counts.ok", "at_least": 3},
+                                              {"name": "f", "failed_images": {"at_most": 1}}])
+    res = run_check(rules, cfg=cfg, run_dir=run)
+    assert res.passed and res.run == RUN and len(res.records) == 4 and res.run_dir == run
+    (run / "run.json").write_text("{not json")
+    res = run_check(rules, cfg=cfg, run_dir=run, out=tmp_path / "out")
+    assert res.run is None and [o.passed for o in res.outcomes] == [False, True]
+    report = json.loads((tmp_path / "out" / "check.json").read_text())
+    assert list(report) == ["passed", "run", "images", "failed_images", "seconds", "rules", "expectations"]
+    assert (report["run"], report["images"], report["failed_images"]) == (str(run), 4, 1)
+    assert report["rules"][0]["detail"] == "no run.json to read" and report["expectations"] == str(rules)
+    # Class names are checked against the run's own model (its labels file), before any rule runs.
+    labels = tmp_path / "labels.txt"
+    labels.write_text("tabby\nEgyptian cat\n")
+    model = {"source": "factory", "factory": "tests.nets:gap_net", "labels": str(labels)}
+    (run / "run.json").write_text(json.dumps({**RUN, "n_classes": 2, "input": str(tmp_path / "gone"),
+                                              "config": {"model": model}}))
+    bad = write_rules(tmp_path / "bad.yaml", [{"name": "c", "predicted_in": ["tabbby"]}])
+    with pytest.raises(ConfigError, match="unknown class name 'tabbby'") as e:
+        run_check(bad, cfg=cfg, run_dir=run)
+    assert e.value.hint == "did you mean 'tabby'?"
+    bad = write_rules(tmp_path / "bad.yaml", [{"name": "c", "predicted_in": [2]}])
+    with pytest.raises(ConfigError, match=r"class index 2 out of range \(the model has 2 classes\)"):
+        run_check(bad, cfg=cfg, run_dir=run)
+    sanity = write_rules(tmp_path / "s.yaml", [{"sanity": {"method": "gradcam", "ssim_at_full_randomization":
+                                                          {"at_most": 1}}}])
+    with pytest.raises(ConfigError, match="a sanity rule needs the images: give IMAGES with --run"):
+        run_check(sanity, cfg=cfg, run_dir=run)
+    unknown = write_rules(tmp_path / "u.yaml", [{"name": "u", "method": "gradcam", "metric": "enrgy", "at_least": 0}])
+    with pytest.raises(ConfigError) as e:
+        run_check(unknown, cfg=cfg, run_dir=run)
+    assert e.value.message == f"{unknown}: rule 'u': unknown metric 'enrgy'"
+
+
+def test_the_table_of_kinds_parses_and_measures_each_kind() -> None:
+    from xaicli.check import KINDS, RULE_KINDS
+    from xaicli.check.rules import SHARED_KEYS
+
+    minimal = {
+        "predicted_in": {"predicted_in": [281]},
+        "metric": {"method": "gradcam", "metric": "energy", "at_least": 0},
+        "failed_images": {"failed_images": {"at_most": 1}},
+        "sanity": {"sanity": {"spearman_at_full_randomization": {"at_most": 0.5}}},
+        "run": {"run": "counts.ok", "at_least": 3},
+    }
+    assert KINDS == tuple(RULE_KINDS) == tuple(minimal)
+    assert all(set(k.keys) <= set(SHARED_KEYS) for k in RULE_KINDS.values())
+    exp = expectations_from_dict({"rules": list(minimal.values())}, default_method="gradcam")
+    assert [r.kind for r in exp.rules] == list(KINDS)
+    rep = {"images": ["a"], "steps": [{}, {}], "methods": {"gradcam": {"full_randomization": {"spearman_abs": 0.1}}}}
+    outcomes = evaluate(exp, RECORDS, RUN, {exp.rules[3].sanity_key(): rep})
+    assert [(o.rule.kind, o.passed, o.measured) for o in outcomes] == [
+        ("predicted_in", False, pytest.approx(1 / 3)), ("metric", True, pytest.approx(2 / 3)),
+        ("failed_images", True, 1), ("sanity", True, 0.1), ("run", True, 3)]
