@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from xaicli.cli import app
 from xaicli.methods.base import Batch, Runner
 from xaicli.metrics import all_metrics, get_metric
-from xaicli.metrics.context import MetricContext, boxes_to_original, build_context
+from xaicli.metrics.context import MetricContext, boxes_to_original
 from xaicli.metrics.faithfulness import (
     DeletionParams,
     InsertionParams,
@@ -26,7 +26,7 @@ from xaicli.metrics.faithfulness import (
     perturbation_curves,
     step_counts,
 )
-from xaicli.metrics.ground_truth import GroundTruth, mask_boxes
+from xaicli.metrics.ground_truth import GroundTruth, build_context, mask_boxes
 from xaicli.metrics.localization import box_iou, component_boxes, max_box_acc, threshold_grid
 from xaicli.metrics.summary import aggregate
 from xaicli.preprocess import Preprocess

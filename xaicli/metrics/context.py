@@ -1,23 +1,17 @@
 """What a metric may need beyond the batch: where each model input came from in its original
 image, and the image's ground truth mapped into the model input's frame.
 
-The engine builds one :class:`MetricContext` per batch (host metadata plus small device tensors)
-and passes it to metrics registered with ``context=True``. Metrics never read files.
+The run builds one :class:`MetricContext` per batch (host metadata plus small device tensors;
+``ground_truth.build_context``) and passes it to the metrics. Metrics never read files.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from ..preprocess import Preprocess
-    from .ground_truth import GroundTruth
 
 
 @dataclass
@@ -37,22 +31,6 @@ class MetricContext:
     sizes: np.ndarray  # (B, 2) original (height, width)
     windows: np.ndarray  # (B, 4) (top, left, height, width) of the original that the input shows
     gt: GroundTruthBatch | None = None
-
-
-def build_context(
-    rels: Sequence[str],
-    sizes: Sequence[tuple[int, int]],
-    preprocess: Preprocess,
-    ground_truth: GroundTruth | None,
-    device: torch.device,
-) -> MetricContext:
-    """The context of one batch; reads ground-truth files (host I/O, outside metric functions)."""
-    sz = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
-    windows = np.asarray([preprocess.window(int(h), int(w)) for h, w in sz], dtype=np.float64).reshape(-1, 4)
-    gt = None
-    if ground_truth is not None:
-        gt = ground_truth.batch(list(rels), sz, windows, preprocess.input_size, device)
-    return MetricContext(list(rels), sz, windows, gt)
 
 
 def sample_window(arr: np.ndarray, window: Sequence[float], size: tuple[int, int]) -> np.ndarray:

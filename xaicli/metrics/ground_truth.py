@@ -20,14 +20,19 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError, InputError
-from .context import GroundTruthBatch, sample_window
+
+if TYPE_CHECKING:
+    from ..preprocess import Preprocess
+from .context import GroundTruthBatch, MetricContext, sample_window
 
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".jpg", ".jpeg", ".pgm", ".ppm")
 
@@ -165,6 +170,22 @@ class GroundTruth:
             distance=torch.from_numpy(dist).to(device),
             boxes=padded,
         )
+
+
+def build_context(
+    rels: Sequence[str],
+    sizes: Sequence[tuple[int, int]],
+    preprocess: Preprocess,
+    ground_truth: GroundTruth | None,
+    device: torch.device,
+) -> MetricContext:
+    """The context of one batch; reads ground-truth files (host I/O, outside metric functions)."""
+    sz = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+    windows = np.asarray([preprocess.window(int(h), int(w)) for h, w in sz], dtype=np.float64).reshape(-1, 4)
+    gt = None
+    if ground_truth is not None:
+        gt = ground_truth.batch(list(rels), sz, windows, preprocess.input_size, device)
+    return MetricContext(list(rels), sz, windows, gt)
 
 
 def load_ground_truth(masks: str | None, boxes: str | None) -> GroundTruth | None:
