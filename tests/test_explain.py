@@ -238,3 +238,22 @@ def test_methods_cost_counts_the_configured_layer_channels(tiny_config):
     rows = {r["name"]: r["passes"] for r in json.loads(r.output)}
     # GapNet's `features` ends with 16 channels: one forward per channel plus the shared one.
     assert rows["scorecam"] == "17 fwd" and rows["smoothgrad"] == "9 fwd + 8 bwd"
+
+
+def test_methods_and_metrics_list_their_knobs(tiny_config):
+    rows = {r["name"]: r for r in json.loads(xai("methods", "--json").output)}
+    assert rows["smoothgrad"]["knobs"]["samples"] == 50 and rows["gradcam"]["knobs"] == {"relu": True}
+    assert "image_tensor" not in rows["integrated_gradients"]["knobs"]  # filled by code, not a knob
+    cfg = tiny_config("gradcam", "methods:\n  smoothgrad: {samples: 8}\nmetrics:\n  deletion: {steps: 10}\n")
+    rows = {r["name"]: r for r in json.loads(xai("methods", "-c", str(cfg), "--json").output)}
+    assert rows["smoothgrad"]["knobs"]["samples"] == 8
+    r = xai("metrics", "--json")
+    assert r.exit_code == 0, r.output
+    metrics = {m["name"]: m for m in json.loads(r.output)}
+    assert metrics["deletion"]["writes"] == ["deletion_auc", "deletion_curve"]
+    assert metrics["deletion"]["forwards"] == 51 and metrics["deletion"]["knobs"]["steps"] == 50
+    assert metrics["energy"]["ground_truth"] and not metrics["deletion"]["ground_truth"]
+    configured = {m["name"]: m for m in json.loads(xai("metrics", "-c", str(cfg), "--json").output)}
+    assert configured["deletion"]["forwards"] == 11
+    table = xai("metrics").output
+    assert "deletion_auc" in table and "box_iou" in table and "needs ground truth" in table

@@ -300,38 +300,38 @@ def methods(
     with user_errors():
         import json
 
-        from rich.table import Table
-
         from .config import Config, load_config
-        from .methods import all_methods
-        from .plan import config_params, resolve_plan
+        from .listing import method_rows, methods_table
+        from .plan import resolve_plan
 
         cfg = resolve_plan(load_config(config) if config else Config()).cfg
         channels = _layer_channels(cfg) if config else None
-        rows = []
-        for spec in all_methods():
-            params = config_params(cfg, spec)
-            rows.append({
-                "name": spec.name,
-                "family": spec.family,
-                "gradients": spec.needs_grad,
-                "space": spec.space,
-                "signed": spec.signed,
-                "passes": spec.cost_text(params, channels),
-                "summary": spec.summary,
-                "aliases": list(spec.aliases),
-            })
+        rows = method_rows(cfg, channels)
         if as_json:
             console.print_json(json.dumps(rows))
             return
-        title = "xai methods" + (f" (target layer: {channels} channels)" if channels else "")
-        table = Table(title=title, show_lines=False)
-        for col in ("name", "family", "gradients", "map", "passes / image", "summary"):
-            table.add_column(col, overflow="fold")
-        for r in rows:
-            table.add_row(r["name"], r["family"], "yes" if r["gradients"] else "no",
-                          f"{r['space']}{', signed' if r['signed'] else ''}", r["passes"], r["summary"])
-        _print_wide(table)
+        _print_wide(methods_table(rows, "xai methods" + (f" (target layer: {channels} channels)" if channels else "")))
+
+
+@app.command()
+def metrics(
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List every metric: what it measures, the keys it writes to scores.jsonl, its cost in
+    forward passes per image and method, and its knobs (as the config sets them)."""
+    with user_errors():
+        import json
+
+        from .config import Config, load_config
+        from .listing import metric_rows, metrics_table
+        from .plan import resolve_plan
+
+        rows = metric_rows(resolve_plan(load_config(config) if config else Config()).cfg)
+        if as_json:
+            console.print_json(json.dumps(rows))
+            return
+        _print_wide(metrics_table(rows))
 
 
 def _print_wide(table: Any) -> None:
@@ -376,14 +376,15 @@ def layers(
         from rich.table import Table
 
         from .config import load_config
-        from .layers import auto_layer, layer_table
+        from .layers import auto_layer, layer_table, trace_modules
         from .models import build_model
 
         cfg = load_config(config)
         loaded = build_model(cfg.model, cfg.preprocess)
         size = loaded.preprocess.input_size
-        rows = layer_table(loaded.module, size)
-        auto = auto_layer(loaded.module, size).spec
+        seen = trace_modules(loaded.module, size)  # one dummy forward for the table and the automatic layer
+        rows = layer_table(loaded.module, size, seen=seen)
+        auto = auto_layer(loaded.module, size, seen=seen).spec
         chosen = cfg.target_layer or auto
         if as_json:
             console.print_json(json.dumps({

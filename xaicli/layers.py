@@ -106,9 +106,11 @@ def trace_modules(model: nn.Module, input_size: tuple[int, int],
     return seen
 
 
-def layer_table(model: nn.Module, input_size: tuple[int, int], device: torch.device | str = "cpu") -> list[LayerInfo]:
-    """Every module with its output shape for one dummy image (one forward, no gradients)."""
-    return _rows(model, trace_modules(model, input_size, device))
+def layer_table(model: nn.Module, input_size: tuple[int, int], device: torch.device | str = "cpu",
+                seen: dict[str, ModuleTrace] | None = None) -> list[LayerInfo]:
+    """Every module with its output shape for one dummy image (one forward, no gradients;
+    none when the trace ``seen`` is given)."""
+    return _rows(model, seen if seen is not None else trace_modules(model, input_size, device))
 
 
 def _rows(model: nn.Module, seen: dict[str, ModuleTrace]) -> list[LayerInfo]:
@@ -123,11 +125,12 @@ def _rows(model: nn.Module, seen: dict[str, ModuleTrace]) -> list[LayerInfo]:
     return rows
 
 
-def auto_layer(model: nn.Module, input_size: tuple[int, int], device: torch.device | str = "cpu") -> LayerRef:
+def auto_layer(model: nn.Module, input_size: tuple[int, int], device: torch.device | str = "cpu",
+               seen: dict[str, ModuleTrace] | None = None) -> LayerRef:
     """The layer CAM papers use: the input of the global pooling module when the model has one
     (the last feature map after its activation), else the last module, in execution order, that
     outputs a spatial map (B, C, h, w) with h, w > 1 and runs once per forward."""
-    seen = trace_modules(model, input_size, device)
+    seen = seen if seen is not None else trace_modules(model, input_size, device)
     rows = {r.name: r for r in _rows(model, seen)}
     once = sorted((n for n, t in seen.items() if t.calls == 1), key=lambda n: -seen[n].last)  # last to finish first
 
