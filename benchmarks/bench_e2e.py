@@ -4,6 +4,7 @@ device, in the same run. Run by hand (not collected by pytest):
 
     python benchmarks/bench_e2e.py --n 2000 --device cuda --batch 64            # an H100
     python benchmarks/bench_e2e.py --n 48 --device cpu --batch 16 --workers 2   # a small CPU
+    python benchmarks/bench_e2e.py --n 96 --device cpu --also /tmp/main-before   # a refactor vs the code before it
 
 Both run as subprocesses, so "wall" includes Python start-up, imports and model load; "loop" is
 each tool's own timing of the images (xai: run.json timings.run_s; the script: its loop).
@@ -83,14 +84,14 @@ def xai_config(path: Path, model: str) -> Path | None:
     return path
 
 
-def run_xai(images: Path, out: Path, cfg: Path | None, a: argparse.Namespace) -> dict:
+def run_xai(images: Path, out: Path, cfg: Path | None, a: argparse.Namespace, source: Path = ROOT) -> dict:
     cmd = [sys.executable, "-m", "xaicli.cli", "explain", str(images), "-o", str(out), "-q", "--overwrite",
            "--format", "jpg", "-b", str(a.batch), "--workers", str(a.workers), "--device", a.device,
            "--precision", a.precision, "--method", "gradcam"]
     if cfg is not None:
         cmd += ["-c", str(cfg)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=source, env={**ENV, "PYTHONPATH": str(source)}, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"xai failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -125,6 +126,8 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="xai only (the script is fp32)")
     ap.add_argument("--repeat", type=int, default=1, help="alternate the two tools this many times; best kept")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--also", type=Path, action="append", default=[],
+                    help="another xaicli source tree (a checkout) timed in the same run, alternating; repeatable")
     a = ap.parse_args()
     import torch
 
@@ -136,9 +139,11 @@ def main() -> None:
     print(f"{a.n} JPEGs in {images} ({time.perf_counter() - t0:.1f} s to generate or find)")
     cfg = xai_config(a.dir / "xai.yaml", a.model)
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    results: dict[str, list[dict]] = {"xai": [], "script": []}
+    results: dict[str, list[dict]] = {"xai": [], "script": [], **{f"xai ({p})": [] for p in a.also}}
     for _ in range(a.repeat):
         results["xai"].append(run_xai(images, a.dir / "out-xai", cfg, a))
+        for p in a.also:
+            results[f"xai ({p})"].append(run_xai(images, a.dir / "out-xai-also", cfg, a, source=p.resolve()))
         results["script"].append(run_script(images, a.dir / "out-pgc", a))
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     best = {k: min(v, key=lambda r: r["loop_s"]) for k, v in results.items()}
@@ -152,12 +157,17 @@ def main() -> None:
     if load_before is not None:
         print(f"load average {load_before:.1f} before, {load_after:.1f} after (other processes share the CPU)")
     print(f"\n{'':34}{'wall s':>9}{'img/s':>9}{'loop s':>9}{'img/s':>9}")
-    rows = {"xai explain (gradcam, jpg overlays)": best["xai"], "pytorch-grad-cam script": best["script"]}
+    rows = {"xai explain (gradcam, jpg overlays)": best["xai"], "pytorch-grad-cam script": best["script"],
+            **{f"xai explain, {p.name or p}": best[f"xai ({p})"] for p in a.also}}
     for label, r in rows.items():
         print(f"{label:34}{r['wall_s']:9.1f}{a.n / r['wall_s']:9.1f}{r['loop_s']:9.1f}{a.n / r['loop_s']:9.1f}")
     wall_ratio = best["script"]["wall_s"] / best["xai"]["wall_s"]
     loop_ratio = best["script"]["loop_s"] / best["xai"]["loop_s"]
     print(f"{'ratio xai / script':34}{'':9}{wall_ratio:9.2f}{'':9}{loop_ratio:9.2f}")
+    for p in a.also:
+        other = best[f"xai ({p})"]
+        print(f"{'ratio xai / ' + (p.name or str(p)):34}{'':9}{other['wall_s'] / best['xai']['wall_s']:9.2f}{'':9}"
+              f"{other['loop_s'] / best['xai']['loop_s']:9.2f}")
     if best["xai"]["peak_gpu_mb"] is not None:
         print(f"xai peak GPU memory {best['xai']['peak_gpu_mb']:.0f} MiB")
     if a.json:
