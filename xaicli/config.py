@@ -176,6 +176,47 @@ class GroundTruthConfig:
             raise ConfigError(f"{path}: give either masks (a folder) or boxes (a file), not both")
 
 
+Head = Literal["cam", "acol"]
+
+
+def _open_fraction(v: float) -> str | None:
+    return None if 0 < v < 1 else "must be between 0 and 1 (exclusive)"
+
+
+def _crop_scale(v: tuple[float, float]) -> str | None:
+    return None if 0 < v[0] <= v[1] <= 1 else "needs 0 < low <= high <= 1"
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """The localization head `xai train` puts on the backbone (``head: cam`` or ``head: {kind: acol,
+    delta: 0.6}``): ``cam`` global average pooling + linear; ``acol`` two such branches, the second
+    reading the features with the first's most discriminative region (normalised class map >=
+    ``delta``) erased (Zhang et al. 2018)."""
+
+    kind: Head = "cam"
+    delta: float = field(default=0.6, metadata={"check": _open_fraction})  # ACoL erasing threshold
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The ``train:`` section, read by `xai train` only (xaicli/train/)."""
+
+    epochs: int = field(default=10, metadata={"check": at_least(1)})
+    batch_size: int = field(default=32, metadata={"check": at_least(1)})
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = field(default=1e-3, metadata={"check": positive})  # peak; cosine decay to 0 per step
+    weight_decay: float = field(default=0.05, metadata={"check": non_negative})  # not on biases and norms
+    momentum: float = field(default=0.9, metadata={"check": fraction})  # sgd only
+    freeze_epochs: int = field(default=0, metadata={"check": at_least(0)})  # backbone frozen (and its BN) first
+    val_fraction: float = field(default=0.2, metadata={"check": _open_fraction})  # without a val/ folder
+    seed: int = 0  # split, head initialisation, order and augmentation of every epoch
+    crop_scale: tuple[float, float] = field(default=(0.5, 1.0), metadata={"check": _crop_scale})
+    flip: bool = True  # random horizontal flips
+    amp: bool = True  # mixed precision (bf16, else fp16 with loss scaling) on a GPU; fp32 on the CPU
+    label_smoothing: float = field(default=0.0, metadata={"check": fraction})
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = EMBEDDED_MODEL
@@ -188,6 +229,8 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     metrics: dict[str, Any] = field(default_factory=dict)  # switched-on metrics and their knobs
     ground_truth: GroundTruthConfig = field(default_factory=GroundTruthConfig)
+    head: HeadConfig | None = None  # `xai train` only (None: the cam head)
+    train: TrainConfig | None = None  # `xai train` only (None: the defaults)
     source_path: str | None = None  # where the YAML came from (None: embedded default)
     # Where ``method`` was given ("method" in YAML, "--method" on the command line): error messages
     # about its names say so.
@@ -197,6 +240,9 @@ class Config:
         """A plain, JSON-ready view of the resolved config (for run.json)."""
         d = _plain(dataclasses.asdict(self))
         d.pop("method_key")
+        for key in ("head", "train"):  # training sections: only when given
+            if d[key] is None:
+                d.pop(key)
         d["target"] = self.target.describe()
         return d
 
@@ -356,6 +402,15 @@ def parse_target(value: Any, path: str = "target") -> TargetConfig:
     raise ConfigError(f"{path}: expected 'predicted', a class index, a class name or 'topK', got {value!r}")
 
 
+def parse_head(value: Any, path: str = "head") -> HeadConfig:
+    """``cam`` | ``acol`` | ``{kind: acol, delta: 0.6}``."""
+    if isinstance(value, str):
+        value = {"kind": value.strip().lower()}
+    if value is None:
+        return HeadConfig()
+    return build_dataclass(HeadConfig, value, path)
+
+
 def parse_methods(value: Any, path: str = "method") -> tuple[str, ...]:
     """One name, a comma-separated string or a list (names as written: plan.resolve_plan checks
     them against the registry)."""
@@ -417,6 +472,10 @@ def config_from_dict(data: Any, source_path: str | None = None) -> Config:
         kwargs["metrics"] = _validate_metrics(data["metrics"])
     if "ground_truth" in data:
         kwargs["ground_truth"] = build_dataclass(GroundTruthConfig, data["ground_truth"], "ground_truth")
+    if "head" in data:
+        kwargs["head"] = parse_head(data["head"])
+    if "train" in data:
+        kwargs["train"] = build_dataclass(TrainConfig, data["train"], "train")
     return Config(**kwargs)
 
 
@@ -469,13 +528,19 @@ _FIELD_OVERRIDES = {
     "seed": ("runtime", "seed"),
     "save_maps": ("output", "save_maps"),
     "fmt": ("output", "format"),
+    "epochs": ("train", "epochs"),
+    "lr": ("train", "lr"),
+    "train_batch_size": ("train", "batch_size"),
+    "train_seed": ("train", "seed"),
 }
+# Sections that may be absent (None) in a Config: an override builds them from their defaults.
+_OPTIONAL_SECTIONS = {"train": TrainConfig}
 
 
 def apply_overrides(cfg: Config, **overrides: Any) -> Config:
     """Merge command-line overrides into a config: the one place they are applied. Keywords:
     those of ``_FIELD_OVERRIDES`` and ``method``, ``layer``, ``target``, ``metrics``,
-    ``ground_truth``; a None value leaves the config's own."""
+    ``ground_truth``, ``head``; a None value leaves the config's own."""
     changes: dict[str, Any] = {}
     sections: dict[str, dict[str, Any]] = {}
     for key, value in overrides.items():
@@ -492,6 +557,8 @@ def apply_overrides(cfg: Config, **overrides: Any) -> Config:
             changes["target"] = parse_target(value, path="--target")
         elif key == "metrics":
             changes["metrics"] = {**cfg.metrics, **_validate_metrics(value)}
+        elif key == "head":
+            changes["head"] = parse_head(value, path="--head")
         elif key == "ground_truth":
             # A folder is a mask tree, a file a list of boxes.
             changes["ground_truth"] = GroundTruthConfig(**{"masks" if Path(value).is_dir() else "boxes": str(value)})
@@ -499,5 +566,7 @@ def apply_overrides(cfg: Config, **overrides: Any) -> Config:
             raise TypeError(f"apply_overrides: unknown override {key!r}")
     for section, values in sections.items():
         current = getattr(cfg, section)
+        if current is None:
+            current = _OPTIONAL_SECTIONS[section]()
         changes[section] = build_dataclass(type(current), {**dataclasses.asdict(current), **values}, section)
     return dataclasses.replace(cfg, **changes)
