@@ -6,6 +6,7 @@ API, the benchmarks and the sanity test.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from .capture import LogitsOnly, as_logits, forward, record
 from .config import Config, TargetConfig
 from .errors import ConfigError, MethodError, suggest
+from .heads import AcolHead, ComplementaryBranch, acol_model, fuse_maps
 from .layers import LayerRef, auto_layer, resolve_layer
 from .methods import MethodSpec
 from .methods.base import Batch, MethodOutput, PixelSpace, Runner
@@ -105,6 +107,9 @@ class Explainer:
         self.grad_of = {s.grad_of for s, _ in methods} - {"none"}
         if self.need_layer and layer is None:
             raise ConfigError("target_layer: the chosen methods need a target layer")
+        # An ACoL model read at its features: CAM-family maps fuse both branches (xaicli/heads.py).
+        self.acol = acol_model(model, layer) if any(s.family == "cam" for s, _ in methods) else None
+        self.branch_b = dataclasses.replace(runner, model=ComplementaryBranch(self.acol)) if self.acol else None
 
     def targets_for(self, logits: Tensor) -> Tensor:
         t = self.target
@@ -139,18 +144,35 @@ class Explainer:
                     activations=cap.activations, gradients=grads, input_grad=input_grad, seeds=seeds,
                     pixels=self.pixels,
                 )
+                second = self._complementary(batch) if self.acol is not None else None
                 for res in results:
-                    self._dispatch(res, batch)
+                    self._dispatch(res, batch, second)
                 if self.keep_batches:
                     kept.append(batch)
         finally:
             cap.release()
         return BatchResult(logits=cap.logits, targets=targets, methods=results, batches=kept)
 
+    def _complementary(self, batch: Batch) -> Batch:
+        """What a CAM-family method sees of an ACoL model's branch B for the batch's targets: the
+        features erased by branch A's map of the target, their gradient, branch B's logits, and a
+        runner whose passes give branch B's logits."""
+        assert self.acol is not None and batch.activations is not None
+        head = self.acol.head
+        assert isinstance(head, AcolHead)
+        erased, grads, logits = head.complementary(batch.activations, batch.targets, batch.gradients is not None)
+        return dataclasses.replace(batch, activations=erased, gradients=grads, input_grad=None, logits=logits,
+                                   runner=self.branch_b)
+
     @staticmethod
-    def _dispatch(res: MethodResult, batch: Batch) -> None:
+    def _dispatch(res: MethodResult, batch: Batch, second: Batch | None = None) -> None:
+        """One method on the batch; on an ACoL model (``second``: branch B's batch) a CAM-family
+        map is fused with the same method's map on branch B."""
         out = res.spec.fn(batch, res.params)
         m, extras = (out.map, out.extras) if isinstance(out, MethodOutput) else (out, {})
+        if second is not None and res.spec.family == "cam":
+            out_b = res.spec.fn(second, res.params)
+            m = fuse_maps(m, out_b.map if isinstance(out_b, MethodOutput) else out_b)
         reduce = getattr(res.params, "reduce", "max_abs" if not res.spec.signed else "sum")
         res.maps.append(reduce_channels(m.float(), reduce))
         res.extras.append(extras)
@@ -209,6 +231,9 @@ def setup(cfg: Config | Plan, device: torch.device | None = None) -> Setup:
     config or its already resolved plan."""
     plan = cfg if isinstance(cfg, Plan) else resolve_plan(cfg)
     cfg = plan.cfg
+    if cfg.head is not None:
+        raise ConfigError("head: is read by `xai train`, which puts the head on the backbone and trains it",
+                          "explain the trained model with the config it writes: --config RUN/config.yaml")
     device = device or select_device(cfg.runtime.device)
     torch.manual_seed(cfg.runtime.seed)
     metrics = list(plan.metrics)

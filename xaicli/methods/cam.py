@@ -45,7 +45,8 @@ def _need(batch: Batch, grads: bool = True) -> tuple[Tensor, Tensor]:
 
 def _head(batch: Batch) -> tuple[Tensor, Tensor | None]:
     """The linear classifier that reads the global average of the target layer, verified on the
-    batch: logits must equal W · mean(A) + b, else the model has no GAP + linear head there."""
+    batch: logits must equal W · mean(A) + b, else the model has no GAP + linear head there. With
+    several candidates (an ACoL model's two branches) the last one that fits is taken."""
     a = batch.activations
     assert a is not None
     n_channels, n_classes = a.shape[1], batch.logits.shape[1]
@@ -61,20 +62,22 @@ def _head(batch: Batch) -> tuple[Tensor, Tensor | None]:
             f"global average of {layer!r}; {type(batch.model).__name__} has none",
             hint,
         )
-    fc = linears[-1]
-    w = fc.weight.detach().float()
-    b = fc.bias.detach().float() if fc.bias is not None else None
-    predicted = a.mean((2, 3)) @ w.T + (b if b is not None else 0)
-    err = (predicted - batch.logits).abs().max().item()
     scale = batch.logits.abs().max().item() + 1.0
     tol = 1e-3 if batch.runner.precision == "fp32" else 5e-2
-    if err > tol * scale:
-        raise MethodError(
-            f"cam: the logits of {type(batch.model).__name__} are not a linear function of the global average "
-            f"of {layer!r} (max difference {err:.3g}): the model has no GAP + linear head at this layer",
-            hint + "; or set target_layer to the input of the global pooling",
-        )
-    return w, b
+    errors = []
+    for fc in reversed(linears):
+        w = fc.weight.detach().float()
+        b = fc.bias.detach().float() if fc.bias is not None else None
+        predicted = a.mean((2, 3)) @ w.T + (b if b is not None else 0)
+        err = (predicted - batch.logits).abs().max().item()
+        if err <= tol * scale:
+            return w, b
+        errors.append(err)
+    raise MethodError(
+        f"cam: the logits of {type(batch.model).__name__} are not a linear function of the global average "
+        f"of {layer!r} (max difference {errors[0]:.3g}): the model has no GAP + linear head at this layer",
+        hint + "; or set target_layer to the input of the global pooling",
+    )
 
 
 @register(
