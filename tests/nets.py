@@ -47,3 +47,28 @@ def gap_net(num_classes: int = 5, width: int = 16, seed: int = 0) -> nn.Module:
 
 def hidden_head_net(num_classes: int = 5) -> nn.Module:
     return HiddenHeadNet(num_classes)
+
+
+class SmallCnn(nn.Module):
+    """Four conv-BN-ReLU layers (two max-pools: features at a quarter of the input size) ->
+    global average pool -> linear: a backbone small enough to train in seconds on the CPU."""
+
+    def __init__(self, num_classes: int = 10, width: int = 32) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+        self.features = nn.Sequential(
+            *block(3, width // 2), nn.MaxPool2d(2), *block(width // 2, width), nn.MaxPool2d(2),
+            *block(width, width), *block(width, width),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+def small_cnn(num_classes: int = 10, width: int = 32) -> nn.Module:
+    return SmallCnn(num_classes, width)

@@ -486,6 +486,76 @@ def check(
         raise typer.Exit(1 if n_fail else 0)
 
 
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option("--data", "-d", help="Images: DIR/train/<class>/* (+ DIR/val/<class>/*) "
+                                       "or DIR/<class>/* (a seeded split).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: model.pth, config.yaml, train.json, last.pth.")],
+    config: ConfigOpt = None,
+    head: Annotated[str | None, typer.Option("--head", help="cam or acol (default: the config's head:, else cam).")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Epochs (train.epochs).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Images per step (train.batch_size).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (train.lr).")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the split, order and augmentation (train.seed).")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or mps.")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Loader worker processes.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier run in --out.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or epoch lines.")] = False,
+) -> None:
+    """Fine-tune a backbone with a CAM head (GAP + linear) or an ACoL head for localization.
+
+    Writes RUN/model.pth (best validation accuracy), RUN/config.yaml for `xai explain --config`,
+    RUN/train.json (curves) and RUN/last.pth (resumable with --resume; Ctrl-C saves it too).
+    Exit codes: 0 trained, 2 usage or config error, 3 runtime error, 130 interrupted.
+    """
+    with user_errors():
+        from .config import apply_overrides, load_config
+        from .train import run_train
+        from .train.progress import RichTrainProgress
+
+        cfg = apply_overrides(load_config(config), head=head, epochs=epochs, train_batch_size=batch_size, lr=lr,
+                              train_seed=seed, device=device, workers=workers)
+        try:
+            res = run_train(cfg, data, out, resume=resume, overwrite=overwrite, progress=RichTrainProgress(quiet),
+                            argv=sys.argv)
+        except KeyboardInterrupt:
+            err_console.print(f"[bold red]interrupted[/]: the training state is saved in {out}/last.pth and the model "
+                              f"in {out}/model.pth; rerun with --resume to continue", highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
+        if not quiet:
+            err_console.print(f"[bold green]done[/]: {res.epochs_done} epochs, best validation accuracy "
+                              f"{res.best_val_acc:.4f} (epoch {res.best_epoch}) -> {out}/model.pth\n"
+                              f"  explain it: xai explain IMAGES --config {out}/config.yaml", highlight=False,
+                              soft_wrap=True)
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Argument(help="Folder to write train/, val/, ground_truth/ and synth.json into.")],
+    classes: Annotated[str, typer.Option("--classes", help="How many classes (the first N of disc, stripes, checker, "
+                                         "triangle, dots, star, square, cross), or their names: disc,star.")] = "4",
+    per_class: Annotated[int, typer.Option("--per-class", help="Training images per class.")] = 50,
+    val_per_class: Annotated[int, typer.Option("--val-per-class", help="Validation images per class.")] = 20,
+    size: Annotated[int, typer.Option("--size", help="Image side in pixels (square images).")] = 96,
+    seed: Annotated[int, typer.Option("--seed", help="Seed: the same files for the same arguments.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a data set already in the folder.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+) -> None:
+    """Generate a labelled data set whose object boxes and masks are known: shapes and textures at
+    random places, scales and rotations on crops of scikit-image's photos. For `xai train --data
+    DIR` and `xai explain DIR/val --ground-truth DIR/ground_truth/val/masks` (or .../boxes.csv)."""
+    with user_errors():
+        from .synth import SynthSpec, generate, parse_classes
+
+        spec = SynthSpec(classes=parse_classes(classes), per_class=per_class, val_per_class=val_per_class, size=size, seed=seed)
+        res = generate(out, spec, overwrite=overwrite, progress=RichProgress(quiet))
+        if not quiet:
+            err_console.print(f"[bold green]done[/]: {res.counts['train']} training and {res.counts['val']} validation "
+                              f"images of {len(spec.names)} classes -> {out}/ (ground truth in {out}/ground_truth/)",
+                              highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Console-script entry point."""
     # OpenMP threads that spin while they wait take the cores the loader workers, the writer
