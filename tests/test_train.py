@@ -13,14 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
-from xaicli.config import apply_overrides, load_config
-from xaicli.errors import OutputError
+from xaicli.cli import app
+from xaicli.config import HeadConfig, TrainConfig, apply_overrides, config_from_dict, load_config
+from xaicli.errors import ConfigError, InputError, OutputError
 from xaicli.metrics.localization import box_iou
 from xaicli.records import read_run
 from xaicli.run import run_explain
 from xaicli.synth import SynthSpec, generate
 from xaicli.train import run_train
+from xaicli.train.data import Augment, epoch_batches, find_split
 
 CLASSES = ("disc", "stripes", "triangle")
 CONFIG = """
@@ -151,6 +154,9 @@ class Stopper:
     def __init__(self, epoch: int, step: int, error: BaseException) -> None:
         self.at, self.error, self.epochs, self.steps = (epoch, step), error, 0, 0
 
+    def note(self, text: str) -> None:
+        pass
+
     def start(self, total: int, description: str) -> None:
         self.epochs, self.steps = self.epochs + 1, 0
 
@@ -229,3 +235,136 @@ def test_frozen_backbone_keeps_its_weights_and_statistics(data, config, tmp_path
     for k in backbone:  # weights and batch norm statistics
         assert torch.equal(trained[k], start[k]), k
     assert not torch.equal(trained["head.fc.weight"], start["head.fc.weight"])
+
+
+# --- data, config, command line -------------------------------------------------------------------
+
+
+def image_classes(root: Path, classes: dict[str, int]) -> Path:
+    from tests.conftest import write_images
+
+    for i, (name, n) in enumerate(classes.items()):
+        write_images(root / name, n=n, seed=i, sizes=[(40, 40)])
+    return root
+
+
+def test_seeded_split_is_stratified_and_reproducible(tmp_path):
+    root = image_classes(tmp_path, {"a": 8, "b": 5})
+    s1, s2 = find_split(root, 0.25, seed=0), find_split(root, 0.25, seed=0)
+    assert s1 == s2 and s1.classes == ["a", "b"] and s1.source.startswith("seeded split")
+    assert [sum(s.label == c for s in s1.val) for c in (0, 1)] == [2, 2]  # ceil(0.25 * n) per class
+    rels = {s.entry.rel for s in s1.train} | {s.entry.rel for s in s1.val}
+    assert len(rels) == 13 and not {s.entry.rel for s in s1.train} & {s.entry.rel for s in s1.val}
+    others = [find_split(root, 0.25, seed=k).val for k in range(1, 6)]
+    assert any(v != s1.val for v in others)
+
+
+def test_a_val_folder_is_used_as_it_is(tmp_path):
+    image_classes(tmp_path / "train", {"a": 3, "b": 3})
+    image_classes(tmp_path / "val", {"b": 2})
+    split = find_split(tmp_path, 0.5, seed=0)
+    assert split.source == "val/ folder" and len(split.train) == 6
+    assert [(s.entry.rel, s.label) for s in split.val] == [("val/b/img00.png", 1), ("val/b/img01.jpg", 1)]
+
+
+@pytest.mark.parametrize(("layout", "message"), [
+    ({"a": 3}, "need at least 2"),
+    ({"a": 3, "b": 0}, "no images in class folder"),
+    ({"a": 3, "b": 1}, "too few to split"),
+])
+def test_unusable_data_is_refused(tmp_path, layout, message):
+    for name, n in layout.items():
+        (tmp_path / name).mkdir()
+        image_classes(tmp_path, {name: n}) if n else None
+    with pytest.raises(InputError, match=message):
+        find_split(tmp_path, 0.2, seed=0)
+
+
+def test_val_classes_must_be_training_classes(tmp_path):
+    image_classes(tmp_path / "train", {"a": 2, "b": 2})
+    image_classes(tmp_path / "val", {"c": 1})
+    with pytest.raises(InputError, match="val/ has classes that train/ lacks: c"):
+        find_split(tmp_path, 0.2, seed=0)
+
+
+def test_augmentation_and_order_depend_only_on_seed_epoch_and_image():
+    aug = Augment((24, 24), (0.3, 1.0))
+    image = torch.randint(0, 256, (3, 40, 60), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+    def draw(seed: int) -> torch.Tensor:
+        return aug(image, torch.Generator().manual_seed(seed))
+
+    assert torch.equal(draw(1), draw(1)) and not torch.equal(draw(1), draw(2))
+    windows = {aug.window(40, 60, torch.Generator().manual_seed(s)) for s in range(50)}
+    assert len(windows) > 40 and all(t >= 0 and le >= 0 and t + h <= 40 and le + w <= 60 for t, le, h, w in windows)
+    assert epoch_batches(10, 4, 0, 3) == epoch_batches(10, 4, 0, 3) != epoch_batches(10, 4, 0, 4)
+    assert [len(b) for b in epoch_batches(9, 4, 0, 0)] == [4, 4]  # a last batch of one is dropped
+
+
+def test_head_and_train_sections():
+    cfg = config_from_dict({"head": "acol", "train": {"epochs": 3, "optimizer": "sgd"}})
+    assert cfg.head == HeadConfig(kind="acol") and cfg.train == TrainConfig(epochs=3, optimizer="sgd")
+    assert config_from_dict({"head": {"kind": "acol", "delta": 0.8}}).head.delta == 0.8
+    assert "head" not in config_from_dict({}).to_dict() and "train" not in config_from_dict({}).to_dict()
+    with pytest.raises(ConfigError, match=r"head.kind: expected one of 'cam', 'acol'"):
+        config_from_dict({"head": "acl"})
+    with pytest.raises(ConfigError, match="head.delta: must be between 0 and 1"):
+        config_from_dict({"head": {"kind": "acol", "delta": 1.5}})
+    with pytest.raises(ConfigError, match="train.epoch: unknown key") as e:
+        config_from_dict({"train": {"epoch": 3}})
+    assert "epochs" in (e.value.hint or "")
+    over = apply_overrides(config_from_dict({}), epochs=2, lr=0.5, head="acol", train_batch_size=8)
+    assert (over.train.epochs, over.train.lr, over.train.batch_size, over.head.kind) == (2, 0.5, 8, "acol")
+
+
+def test_explain_refuses_a_training_config(config):
+    from xaicli.engine import setup
+
+    with pytest.raises(ConfigError, match="head: is read by `xai train`"):
+        setup(load_config(config))
+
+
+def test_cli_trains_skips_a_bad_image_and_refuses_to_mix_runs(tmp_path, config):
+    data = image_classes(tmp_path / "data", {"a": 6, "b": 6})
+    (data / "a" / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "run"
+    args = ["train", "--config", str(config), "--data", str(data), "--out", str(out), "--epochs", "1", "--head", "acol"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "+ ACoL head (delta 0.6): 2 classes, 9 training and 4 validation images (seeded split" in r.output
+    assert "best validation accuracy" in r.output and f"--config {out}/config.yaml" in r.output
+    report = json.loads((out / "train.json").read_text())
+    assert report["head"] == {"kind": "acol", "delta": 0.6} and report["train"]["epochs"] == 1
+    assert list(report["split"]["skipped"]) == ["a/broken.jpg"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "already holds a training run" in r.output
+    r = CliRunner().invoke(app, [*args, "--resume", "--quiet"])  # complete: nothing left to do
+    assert r.exit_code == 0 and r.output == ""
+    r = CliRunner().invoke(app, [*args, "--resume", "--epochs", "2"])  # one more epoch
+    assert r.exit_code == 0 and "resuming at epoch 2" in r.output, r.output
+    r = CliRunner().invoke(app, ["explain", str(data / "b"), "--config", str(out / "config.yaml"), "-o",
+                                 str(tmp_path / "exp"), "-m", "gradcam,layercam", "-q"])
+    assert r.exit_code == 0, r.output
+
+
+def test_cli_ctrl_c_exits_130_with_a_resume_hint(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("xaicli.train.run_train", interrupted)
+    r = CliRunner().invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run")])
+    assert r.exit_code == 130 and "rerun with --resume" in r.output
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])
+def test_shipped_training_configs_build(name):
+    from xaicli.heads import with_head
+    from xaicli.models import build_model
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "train" / f"{name}.yaml")
+    assert cfg.head is not None and cfg.train is not None
+    model_cfg = dataclasses.replace(cfg.model, weights=None)  # no hub access in tests
+    loaded = build_model(model_cfg, cfg.preprocess)
+    assert loaded.preprocess.input_size == (128, 128)
+    model = with_head(loaded.module, cfg.head.kind, 3).eval()
+    assert model(torch.zeros(1, 3, 128, 128)).shape == (1, 3)

@@ -40,6 +40,7 @@ UPDATE_S = 0.5  # how often the progress display reads the running loss and accu
 
 
 class TrainProgress(Protocol):
+    def note(self, text: str) -> None: ...
     def start(self, total: int, description: str) -> None: ...
     def update(self, done: int, loss: float, acc: float, images_per_s: float) -> None: ...
     def finish(self) -> None: ...
@@ -47,6 +48,9 @@ class TrainProgress(Protocol):
 
 
 class _NoProgress:
+    def note(self, text: str) -> None:
+        pass
+
     def start(self, total: int, description: str) -> None:
         pass
 
@@ -142,6 +146,7 @@ class Trainer:
 
     def run(self) -> TrainResult:
         files.write_labels(self.out, self.split.classes)
+        self.progress.note(self._plan())
         try:
             while self.state.epoch < self.tc.epochs:
                 self._epoch()
@@ -154,6 +159,16 @@ class Trainer:
         files.write_train_json(self.out, report)
         st = self.state
         return TrainResult(self.out, "complete", st.epoch, st.best_epoch, st.best_val_acc, report)
+
+    def _plan(self) -> str:
+        st, sp = self.state, self.split
+        head = f"ACoL head (delta {self.head.delta})" if self.head.kind == "acol" else "CAM head"
+        text = (f"{self.report_base.get('model', 'model')} + {head}: {len(sp.classes)} classes, "
+                f"{len(sp.train)} training and {len(sp.val)} validation images ({sp.source}); "
+                f"{self.tc.epochs} epochs on {self.device.type} ({self.precision})")
+        if st.epoch or st.step:
+            text += f"; resuming at epoch {st.epoch + 1}" + (f", batch {st.step + 1}" if st.step else "")
+        return text
 
     def _epoch(self) -> None:
         st, e = self.state, self.state.epoch

@@ -18,6 +18,10 @@ class RichTrainProgress:
         self._p: Any = None
         self._task: Any = None
 
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            self.console.print(text, highlight=False, soft_wrap=True, markup=False)
+
     def start(self, total: int, description: str) -> None:
         if self.quiet or not self.console.is_terminal:  # a log gets the epoch lines only
             return
