@@ -368,3 +368,47 @@ def test_shipped_training_configs_build(name):
     assert loaded.preprocess.input_size == (128, 128)
     model = with_head(loaded.module, cfg.head.kind, 3).eval()
     assert model(torch.zeros(1, 3, 128, 128)).shape == (1, 3)
+
+
+def test_ctrl_c_during_a_step_waits_for_the_step():
+    import os
+    import signal
+
+    from xaicli.train.loop import _atomic_step
+
+    done = []
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt), _atomic_step():
+        os.kill(os.getpid(), signal.SIGINT)
+        done.append("the step")
+    assert done == ["the step"] and signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_real_ctrl_c_leaves_a_resumable_run(data, config, tmp_path):
+    """`xai train` in a process of its own, sent SIGINT during its second epoch: exit 130, the
+    state saved mid-epoch, and --resume finishes the run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "xaicli.cli", "train", "-c", str(config), "--data", str(data), "--out", str(out),
+           "--epochs", "3", "--workers", "1"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if line.startswith("epoch 1:"):
+            break
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(60) == 130, rest
+    assert "rerun with --resume" in rest
+    ck = torch.load(out / "last.pth", weights_only=True)
+    assert ck["epoch"] >= 1 and json.loads((out / "train.json").read_text())["status"] == "interrupted"
+    done = subprocess.run([*cmd, "--resume", "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "train.json").read_text())["epochs_done"] == 3

@@ -18,7 +18,11 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -103,13 +107,13 @@ def run_train(cfg: Config, data: Path, out: Path, *, resume: bool = False, overw
     """Train ``cfg``'s backbone with ``cfg.head`` on the images under ``data`` into ``out``.
     KeyboardInterrupt leaves a resumable checkpoint and is raised again."""
     head, tc = cfg.head or HeadConfig(), cfg.train or TrainConfig()
-    device = select_device(cfg.runtime.device)
+    select_device(cfg.runtime.device)  # a missing device is a usage error before anything is written
     split = find_split(data, tc.val_fraction, tc.seed, exclude=out)
     has_checkpoint = files.prepare_out(out, resume=resume, overwrite=overwrite)
     torch.manual_seed(tc.seed)
     loaded = build_model(cfg.model, cfg.preprocess)
     model = with_head(loaded.module, head.kind, len(split.classes), head.delta)
-    trainer = Trainer(cfg, head, tc, split, model, loaded.preprocess, device, out, progress or _NoProgress())
+    trainer = Trainer(cfg, split, model, loaded.preprocess, out, progress or _NoProgress())
     trainer.report_base = {"command": argv, "data": str(data), "model": loaded.description}
     if has_checkpoint:
         trainer.restore(files.load_checkpoint(out / files.LAST))
@@ -119,10 +123,12 @@ def run_train(cfg: Config, data: Path, out: Path, *, resume: bool = False, overw
 class Trainer:
     """The state of one training run and its steps (see the module docstring)."""
 
-    def __init__(self, cfg: Config, head: HeadConfig, tc: TrainConfig, split: Split, model: nn.Module,
-                 preprocess: Any, device: torch.device, out: Path, progress: TrainProgress) -> None:
+    def __init__(self, cfg: Config, split: Split, model: nn.Module, preprocess: Any, out: Path,
+                 progress: TrainProgress) -> None:
+        head, tc = cfg.head or HeadConfig(), cfg.train or TrainConfig()
         self.cfg, self.head, self.tc, self.split = cfg, head, tc, split
-        self.preprocess, self.device, self.out, self.progress = preprocess, device, out, progress
+        self.preprocess, self.out, self.progress = preprocess, out, progress
+        self.device = device = select_device(cfg.runtime.device)
         gpu = device.type == "cuda"
         self.precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if gpu and tc.amp else "fp32"
         self.autocast = autocast_factory(device, self.precision)
@@ -196,12 +202,13 @@ class Trainer:
         try:
             for batch in loader(self.train_set, batches[st.step :], self.cfg.runtime.workers, pin):
                 st.skipped.update(batch.failed)
-                if batch.x is not None:
-                    loss, right = self._step(batch.x, batch.labels)
-                    loss_sum += loss.detach().double() * len(batch.labels)
-                    correct += right
-                    seen += len(batch.labels)
-                st.step += 1
+                with _atomic_step():
+                    if batch.x is not None:
+                        loss, right = self._step(batch.x, batch.labels)
+                        loss_sum += loss.detach().double() * len(batch.labels)
+                        correct += right
+                        seen += len(batch.labels)
+                    st.step += 1
                 now = time.perf_counter()
                 if now - shown >= UPDATE_S or st.step == len(batches):
                     shown = now
@@ -347,6 +354,23 @@ class Trainer:
             "files": {"model": files.MODEL, "config": files.CONFIG, "labels": files.LABELS, "checkpoint": files.LAST},
             "versions": versions(),
         }
+
+
+@contextmanager
+def _atomic_step() -> Iterator[None]:
+    """Ctrl-C during an optimizer step is held until the step and its bookkeeping are done, then
+    raised: a checkpoint never holds half an update or a batch counted wrong."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
