@@ -384,6 +384,7 @@ def test_ctrl_c_during_a_step_waits_for_the_step():
     assert done == ["the step"] and signal.getsignal(signal.SIGINT) is before
 
 
+@pytest.mark.slow
 def test_a_real_ctrl_c_leaves_a_resumable_run(data, config, tmp_path):
     """`xai train` in a process of its own, sent SIGINT during its second epoch: exit 130, the
     state saved mid-epoch, and --resume finishes the run."""
@@ -395,20 +396,20 @@ def test_a_real_ctrl_c_leaves_a_resumable_run(data, config, tmp_path):
 
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "xaicli.cli", "train", "-c", str(config), "--data", str(data), "--out", str(out),
-           "--epochs", "3", "--workers", "1"]
+           "--epochs", "2", "--workers", "0"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     assert proc.stderr is not None
     for line in proc.stderr:
         if line.startswith("epoch 1:"):
             break
-    time.sleep(0.3)
+    time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     rest = proc.stderr.read()
     assert proc.wait(60) == 130, rest
     assert "rerun with --resume" in rest
     ck = torch.load(out / "last.pth", weights_only=True)
-    assert ck["epoch"] >= 1 and json.loads((out / "train.json").read_text())["status"] == "interrupted"
-    done = subprocess.run([*cmd, "--resume", "--quiet"], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert json.loads((out / "train.json").read_text())["epochs_done"] == 3
+    assert (ck["epoch"], ck["step"] > 0) == (1, True)  # saved in the middle of the second epoch
+    assert json.loads((out / "train.json").read_text())["status"] == "interrupted"
+    cfg = apply_overrides(load_config(config), epochs=2)
+    assert run_train(cfg, data, out, resume=True).epochs_done == 2

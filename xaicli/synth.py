@@ -27,6 +27,7 @@ import json
 import math
 import shutil
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -99,8 +100,9 @@ class SynthResult:
     counts: dict[str, int]  # split -> images
 
 
-def load_photos() -> list[np.ndarray]:
-    """The background photos as float32 RGB (H, W, 3) in [0, 1]."""
+@lru_cache(maxsize=1)
+def load_photos() -> tuple[np.ndarray, ...]:
+    """The background photos as float32 RGB (H, W, 3) in [0, 1] (read once per process)."""
     try:
         import skimage.data
     except ImportError:
@@ -111,11 +113,13 @@ def load_photos() -> list[np.ndarray]:
         a = np.asarray(getattr(skimage.data, name)(), dtype=np.float32)
         if a.ndim == 2:
             a = np.repeat(a[..., None], 3, -1)
-        out.append(a[..., :3] / 255.0)
-    return out
+        photo = a[..., :3] / 255.0
+        photo.setflags(write=False)  # shared by every call of this process
+        out.append(photo)
+    return tuple(out)
 
 
-def background(rng: np.random.Generator, photos: list[np.ndarray], size: int) -> np.ndarray:
+def background(rng: np.random.Generator, photos: tuple[np.ndarray, ...], size: int) -> np.ndarray:
     """A random square crop (a third of the photo's shorter side or more) resized to ``size``."""
     import cv2
 
@@ -167,7 +171,7 @@ def _colour(rng: np.random.Generator) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.6, 1.0), rng.uniform(0.75, 1.0)), np.float32)
 
 
-def render(name: str, rng: np.random.Generator, photos: list[np.ndarray], spec: SynthSpec) -> tuple[np.ndarray, np.ndarray]:
+def render(name: str, rng: np.random.Generator, photos: tuple[np.ndarray, ...], spec: SynthSpec) -> tuple[np.ndarray, np.ndarray]:
     """One image: (uint8 RGB (S, S, 3), bool object mask (S, S))."""
     size = spec.size
     img = background(rng, photos, size)
@@ -243,7 +247,7 @@ def generate(out: Path, spec: SynthSpec, *, overwrite: bool = False, progress: P
     return SynthResult(out, manifest["images"])
 
 
-def _write_one(out: Path, split: str, name: str, i: int, spec: SynthSpec, photos: list[np.ndarray],
+def _write_one(out: Path, split: str, name: str, i: int, spec: SynthSpec, photos: tuple[np.ndarray, ...],
                progress: Progress | None) -> list[Any]:
     """One image, its mask and its boxes row."""
     rng = np.random.default_rng(stable_seed(spec.seed, f"{split}/{name}/{i}"))

@@ -41,7 +41,7 @@ def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> bool:
     True when there is a checkpoint to continue) or --overwrite (removes the earlier files)."""
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} exists and is not a folder")
-    earlier = [n for n in OURS if (out / n).exists()]
+    earlier = [n for n in (MODEL, LAST, TRAIN_JSON) if (out / n).exists()]  # what a started run leaves
     if earlier and not (resume or overwrite):
         raise OutputError(f"--out {out} already holds a training run ({', '.join(earlier)})",
                           "add --resume to continue it, --overwrite to replace it, or choose another folder")
