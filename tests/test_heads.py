@@ -223,3 +223,14 @@ def test_small_cnn_backbone_keeps_its_feature_names():
     model = with_head(SmallCnn(), "cam", classes=2)
     assert isinstance(model.head, CamHead)
     assert "backbone.0.weight" in model.state_dict()
+
+
+def test_topk_targets_fuse_per_rank(x):
+    model = acol_model(seed=5)
+    spec = get_method("cam")
+    ex = Explainer(model, [(spec, spec.params())], resolve_layer(model, "backbone"), TargetConfig(mode="topk", k=2),
+                   Runner(model, 8))
+    res = ex(x)
+    assert len(res.methods[0].maps) == 2
+    for j in range(2):
+        torch.testing.assert_close(res.methods[0].maps[j], by_hand(model, x, res.targets[:, j]), rtol=1e-5, atol=1e-6)
