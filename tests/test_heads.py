@@ -234,3 +234,11 @@ def test_topk_targets_fuse_per_rank(x):
     assert len(res.methods[0].maps) == 2
     for j in range(2):
         torch.testing.assert_close(res.methods[0].maps[j], by_hand(model, x, res.targets[:, j]), rtol=1e-5, atol=1e-6)
+
+
+def test_timm_backbones_get_a_head():
+    timm = pytest.importorskip("timm")
+    model = with_head(timm.create_model("resnet18", pretrained=False), "acol", classes=3).eval()
+    assert model.head.a.fc.in_features == 512
+    assert not any(isinstance(m, nn.Linear) and m.out_features == 1000 for m in model.modules())
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 3)
