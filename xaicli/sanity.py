@@ -160,6 +160,32 @@ def _layer_in(model: nn.Module, clone: nn.Module, layer: LayerRef | None) -> Lay
     return LayerRef(layer.name, dict(clone.named_modules())[name], layer.use_input)
 
 
+@dataclass
+class _Probe:
+    """The methods' maps of the test images for one network (the model, then its randomised
+    copies), chunk by chunk; ``progress`` is told of each chunk."""
+
+    pairs: list[tuple[Any, Any]]
+    x: Tensor
+    seeds: Tensor
+    device: torch.device
+    progress: Callable[[int], None] | None = None
+
+    def maps(self, net: nn.Module, layer: LayerRef | None, runner: Runner,
+             targets: Tensor | None) -> tuple[Tensor, list[list[Tensor]]]:
+        """(the classes explained (N,), per chunk the (b, h, w) raw map of each method)."""
+        explainer = Explainer(net, self.pairs, layer, TargetConfig(), runner)
+        got, out = [], []
+        for sl in chunks(self.x.shape[0], runner.budget):
+            want = None if targets is None else targets[sl]
+            res = explainer(self.x[sl].to(self.device, non_blocking=True), self.seeds[sl], targets=want)
+            got.append(res.targets[:, 0])
+            out.append([m.maps[0] for m in res.methods])
+            if self.progress:
+                self.progress(sl.stop - sl.start)
+        return torch.cat(got), out
+
+
 def cascade(
     model: nn.Module,
     x: Tensor,
@@ -176,9 +202,10 @@ def cascade(
     """Run the cascading randomisation test on the images ``x`` (N, 3, H, W), any device.
 
     ``methods``: names, MethodSpecs (default knobs) or (spec, params) pairs. ``layer``: the
-    target layer (a LayerRef or a dotted name) for methods that need one. ``targets`` (N,): classes to explain (default: the
-    original model's prediction). ``runner``: chunking and precision (default: fp32, chunks of
-    16). ``model`` is left exactly as it was; the randomised model is a deep copy.
+    target layer (a LayerRef or a dotted name) for methods that need one. ``targets`` (N,): classes
+    to explain (default: the original model's prediction). ``runner``: chunking and precision
+    (default: fp32, chunks of 16). ``model`` is left exactly as it was; the randomised model is a
+    deep copy.
     """
     from .layers import resolve_layer
     from .plan import method_pairs
@@ -188,53 +215,28 @@ def cascade(
     runner = runner or Runner(model=model, budget=16)
     if isinstance(layer, str):
         layer = resolve_layer(_inner(model), layer)
-    n = x.shape[0]
-    size = (int(x.shape[-2]), int(x.shape[-1]))
-    seeds = seeds if seeds is not None else torch.arange(n, dtype=torch.long) + seed
-    fixed = targets.to(device) if targets is not None else None
-
-    def maps_of(net: nn.Module, ref: LayerRef | None, run: Runner, sl: slice, want: Tensor | None
-                ) -> tuple[Tensor, list[Tensor]]:
-        exp = Explainer(net, pairs, ref, TargetConfig(), run)
-        res = exp(x[sl].to(device, non_blocking=True), seeds[sl], targets=want)
-        return res.targets[:, 0], [m.maps[0] for m in res.methods]
-
+    seeds = seeds if seeds is not None else torch.arange(x.shape[0], dtype=torch.long) + seed
+    probe = _Probe(pairs, x, seeds, device, progress)
     with eval_mode(model):
-        originals: list[list[Tensor]] = [[] for _ in pairs]
-        got: list[Tensor] = []
-        for sl in chunks(n, runner.budget):
-            t, maps = maps_of(model, layer, runner, sl, None if fixed is None else fixed[sl])
-            got.append(t)
-            for i, m in enumerate(maps):
-                originals[i].append(m)
-            if progress:
-                progress(sl.stop - sl.start)
-        fixed = torch.cat(got)
+        fixed, originals = probe.maps(model, layer, runner, targets.to(device) if targets is not None else None)
         clone = copy.deepcopy(model)
     clone.eval()
-    clone_layer = _layer_in(model, clone, layer)
     clone_runner = Runner(model=clone, budget=runner.budget, autocast=runner.autocast,
                           memory_format=runner.memory_format, precision=runner.precision)
-    blocks = randomization_blocks(clone, size, device)
-    groups = group_blocks(blocks, steps)
+    size = (int(x.shape[-2]), int(x.shape[-1]))
+    plan: list[tuple[str, ...]] = [(), *group_blocks(randomization_blocks(clone, size, device), steps)]
     modules = dict(_inner(clone).named_modules())
-    plan: list[tuple[str, ...]] = [(), *groups]
+    clone_layer = _layer_in(model, clone, layer)
     names = [s.name for s, _ in pairs]
-    scores: dict[str, dict[str, list[Tensor]]] = {m: {k: [] for k in MEASURES} for m in names}
+    scores: dict[str, dict[str, list[Tensor]]] = {m: {q: [] for q in MEASURES} for m in names}
     for group in plan:
         for b in group:
             randomize_(modules[b], stable_seed(seed, b))  # the same block, the same init, whatever the steps
-        per: dict[str, dict[str, list[Tensor]]] = {m: {q: [] for q in MEASURES} for m in names}
-        for ci, sl in enumerate(chunks(n, runner.budget)):
-            _, maps = maps_of(clone, clone_layer, clone_runner, sl, fixed[sl])
-            for i, m in enumerate(maps):
-                for q, v in compare(originals[i][ci], m, size).items():
-                    per[names[i]][q].append(v)
-            if progress:
-                progress(sl.stop - sl.start)
-        for m in names:
+        _, randomized = probe.maps(clone, clone_layer, clone_runner, fixed)
+        for i, name in enumerate(names):
+            per_chunk = [compare(o[i], r[i], size) for o, r in zip(originals, randomized, strict=True)]
             for q in MEASURES:
-                scores[m][q].append(torch.cat(per[m][q]))
+                scores[name][q].append(torch.cat([c[q] for c in per_chunk]))
     out = {m: {q: torch.stack(v).cpu() for q, v in by.items()} for m, by in scores.items()}
     return CascadeResult(steps=plan, methods=names, targets=fixed.cpu(), scores=out)
 
