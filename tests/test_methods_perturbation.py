@@ -89,15 +89,13 @@ def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> None:
     ("window", "stride", "fill"),
     [(8, 4, 0.0), (7, 4, 0.3), ((5, 9), (3, 4), 0.0), (6, 6, "blur")],
 )
-def test_occlusion_matches_captum(net, window, stride, fill) -> None:
-    from captum.attr import Occlusion
-
+def test_occlusion_matches_captum(net, window, stride, fill, captum_attr) -> None:
     x = images()
     ours = explain(net, x, "occlusion", {"window": window, "stride": stride, "fill": fill}, target=2)
     wh, ww = (window, window) if isinstance(window, int) else window
     sh, sw = (stride, stride) if isinstance(stride, int) else stride
     baseline = gaussian_blur(x, 0.05 * 32) if fill == "blur" else fill
-    ref = Occlusion(net).attribute(
+    ref = captum_attr.Occlusion(net).attribute(
         x, sliding_window_shapes=(3, wh, ww), strides=(3, sh, sw), baselines=baseline, target=2,
         perturbations_per_eval=32,
     )
@@ -148,6 +146,7 @@ def _pgc_scale(ours: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     return scale_cam_image(scale_cam_image(ours.numpy(), size))
 
 
+@pytest.mark.usefixtures("pgc")
 def test_scorecam_matches_pytorch_grad_cam(net) -> None:
     from pytorch_grad_cam import ScoreCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -266,6 +265,7 @@ def _grad_x_act(model: GapNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return (g * acts["a"]).detach(), t
 
 
+@pytest.mark.usefixtures("pgc")
 def test_eigengradcam_matches_pytorch_grad_cam(net) -> None:
     from pytorch_grad_cam import EigenGradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
