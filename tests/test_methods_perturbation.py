@@ -29,9 +29,9 @@ from xaicli.methods.perturbation import (
     SuperpixelParams,
     channel_masks,
     constrained_least_squares,
-    gaussian_blur,
     weighted_ridge,
 )
+from xaicli.ops import gaussian_blur
 
 B, H, W = 4, 32, 32
 
@@ -94,7 +94,7 @@ def test_occlusion_matches_captum(net, window, stride, fill, captum_attr) -> Non
     ours = explain(net, x, "occlusion", {"window": window, "stride": stride, "fill": fill}, target=2)
     wh, ww = (window, window) if isinstance(window, int) else window
     sh, sw = (stride, stride) if isinstance(stride, int) else stride
-    baseline = gaussian_blur(x, 0.05 * 32) if fill == "blur" else fill
+    baseline = gaussian_blur(x, 0.05 * 32, fold_channels=True) if fill == "blur" else fill
     ref = captum_attr.Occlusion(net).attribute(
         x, sliding_window_shapes=(3, wh, ww), strides=(3, sh, sw), baselines=baseline, target=2,
         perturbations_per_eval=32,
@@ -112,7 +112,7 @@ def test_occlusion_whole_window_is_score_drop(net, fill, window) -> None:
     if fill == "mean":
         filled = x.mean((2, 3), keepdim=True).expand_as(x)
     elif fill == "blur":
-        filled = gaussian_blur(x, 0.05 * 32)
+        filled = gaussian_blur(x, 0.05 * 32, fold_channels=True)
     else:
         filled = torch.full_like(x, 0.0 if fill == "zero" else float(fill))
     drop = scores(net, x, 1) - scores(net, filled.contiguous(), 1)
@@ -365,7 +365,7 @@ def test_superpixel_kernelshap_sampled_is_efficient(net) -> None:
     params = {"segments": 16, "samples": 48, "kernel": "kernelshap", "fill": "blur"}
     ours = explain(net, x, "superpixel", params, target=0)
     coef = ours[:, ::8, ::8].reshape(3, 16)
-    drop = scores(net, x, 0) - scores(net, gaussian_blur(x, 0.05 * 32), 0)
+    drop = scores(net, x, 0) - scores(net, gaussian_blur(x, 0.05 * 32, fold_channels=True), 0)
     close(coef.sum(1), drop, 1e-5)
 
 

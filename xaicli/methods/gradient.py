@@ -31,6 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..config import non_negative, positive
 from ..errors import ConfigError, MethodError
+from ..ops import gaussian_blur
 from ..render import reduce_channels
 from . import register
 from .base import Batch, MethodOutput
@@ -427,19 +428,6 @@ class IGParams:
         return dataclasses.replace(self, image_tensor=preprocess(img))
 
 
-def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of (B, C, H, W) per channel, radius 3 sigma, edges replicated."""
-    radius = max(1, int(np.ceil(3 * sigma)))
-    k = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
-    k = torch.exp(-0.5 * (k / sigma) ** 2)
-    k = (k / k.sum()).to(x.dtype)
-    c = x.shape[1]
-    out = F.pad(x, (radius, radius, 0, 0), mode="replicate")
-    out = F.conv2d(out, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    out = F.pad(out, (0, 0, radius, radius), mode="replicate")
-    return F.conv2d(out, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-
-
 def ig_baseline(batch: Batch, p: IGParams) -> Tensor:
     """The baseline x' (B, C, H, W) in model-input space."""
     x = batch.x
@@ -514,7 +502,6 @@ __all__: list[str] = [
     "IGParams",
     "PixelParams",
     "SmoothGradParams",
-    "gaussian_blur",
     "ig_baseline",
     "input_gradients",
     "integrated_attributions",

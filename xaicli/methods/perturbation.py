@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..config import fraction, non_negative, positive
 from ..errors import ConfigError, MethodError
+from ..ops import gaussian_blur
 from . import register
 from .base import Batch, MethodOutput, Runner, run_chunked
 from .cam import _need, combine
@@ -53,21 +54,6 @@ def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
 # Shared pieces: fills and chunked forwards of inputs made on demand
 
 
-def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of (B, C, H, W) with edge replication, on the device."""
-    if sigma <= 0:
-        return x
-    radius = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = (k / k.sum()).to(x.dtype)
-    b, c, h, w = x.shape
-    y = x.reshape(b * c, 1, h, w)
-    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
-    return y.reshape(b, c, h, w)
-
-
 def fill_image(x: Tensor, fill: str | float, blur_sigma: float) -> Tensor:
     """What hidden pixels are replaced with, broadcastable to ``x`` (B, C, H, W); see the module doc."""
     if not isinstance(fill, str):
@@ -77,7 +63,7 @@ def fill_image(x: Tensor, fill: str | float, blur_sigma: float) -> Tensor:
     if fill == "mean":
         return x.mean((2, 3), keepdim=True)
     if fill == "blur":
-        return gaussian_blur(x, blur_sigma * max(x.shape[-2:]))
+        return gaussian_blur(x, blur_sigma * max(x.shape[-2:]), fold_channels=True)
     raise ConfigError(f"fill: unknown value {fill!r}", "use zero, mean, blur or a number")
 
 

@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import positive
 from ..methods.base import Batch, Runner, run_chunked
+from ..ops import gaussian_blur
 from ..render import to_input_size
 from . import register
 
@@ -60,18 +60,6 @@ class InsertionParams(DeletionParams):
 @dataclass(frozen=True)
 class DropIncreaseParams:
     """Average Drop / Increase in Confidence have no knobs: the map multiplies the normalised input."""
-
-
-def gaussian_blur(x: Tensor, kernel: int = 11, sigma: float = 5.0) -> Tensor:
-    """Separable Gaussian blur of (B, C, H, W), per channel, zero padding (in normalised space: the
-    mean colour), the RISE insertion substrate. Taps: a sampled Gaussian normalised to sum 1."""
-    r = kernel // 2
-    t = torch.arange(kernel, device=x.device, dtype=torch.float32) - r
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = (k / k.sum()).to(x.dtype)
-    c = x.shape[1]
-    y = F.conv2d(x, k.view(1, 1, 1, kernel).expand(c, 1, 1, kernel), padding=(0, r), groups=c)
-    return F.conv2d(y, k.view(1, 1, kernel, 1).expand(c, 1, kernel, 1), padding=(r, 0), groups=c)
 
 
 def auc(curves: Tensor) -> Tensor:
@@ -113,7 +101,10 @@ def perturbation_curves(batch: Batch, maps: Tensor, p: DeletionParams, insert: b
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(hw, device=x.device).expand(b, hw))
     counts = step_counts(hw, p.steps, p.pixels_per_step, x.device)
     points = counts.numel()
-    base = gaussian_blur(x, p.blur_kernel, p.blur_sigma) if p.substrate == "blur" else torch.zeros_like(x)
+    if p.substrate == "blur":
+        base = gaussian_blur(x, p.blur_sigma, radius=p.blur_kernel // 2, pad="zero")
+    else:
+        base = torch.zeros_like(x)
     # A changed pixel becomes `new`, an unchanged one stays `old`.
     old, new = (base, x) if insert else (x, base)
 
