@@ -81,6 +81,24 @@ class Runner:
 
         return run_chunked(one, x.shape[0], self.budget)
 
+    def scores_of(
+        self, build: Callable[[Tensor], Tensor], n: int, targets: Tensor, prob: bool = False
+    ) -> Tensor:
+        """Target scores (n,) of ``n`` inputs made on demand, without gradients: ``build(idx)``
+        returns the inputs of the items ``idx`` (int64 indices on the device), one chunk of the
+        budget at a time (halved on out-of-memory), so only one chunk of inputs lives at a time.
+        ``targets`` is (n,); ``prob``: the target's softmax probability instead of its logit."""
+
+        def one(sl: slice) -> Tensor:
+            idx = torch.arange(sl.start, sl.stop, device=targets.device)
+            with torch.inference_mode():
+                xs = build(idx)
+                with self.autocast():
+                    out = self.model(self.prepare(xs)).float()
+            return (out.softmax(1) if prob else out).gather(1, targets[idx, None]).squeeze(1)
+
+        return run_chunked(one, n, self.budget)
+
     def input_gradients(self, x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """d logit[target] / d input for each input, and the target logits, chunked."""
         grads: list[Tensor] = []

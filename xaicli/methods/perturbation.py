@@ -16,7 +16,6 @@ number (a constant in model space).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -28,7 +27,7 @@ from ..config import fraction, non_negative, positive
 from ..errors import ConfigError, MethodError
 from ..ops import gaussian_blur
 from . import register
-from .base import Batch, MethodOutput, Runner, run_chunked
+from .base import Batch, MethodOutput
 from .cam import _need, combine
 
 Render = Literal["diverging", "magnitude", "positive"]
@@ -51,7 +50,7 @@ def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------------
-# Shared pieces: fills and chunked forwards of inputs made on demand
+# Shared piece: the fills
 
 
 def fill_image(x: Tensor, fill: str | float, blur_sigma: float) -> Tensor:
@@ -65,24 +64,6 @@ def fill_image(x: Tensor, fill: str | float, blur_sigma: float) -> Tensor:
     if fill == "blur":
         return gaussian_blur(x, blur_sigma * max(x.shape[-2:]), fold_channels=True)
     raise ConfigError(f"fill: unknown value {fill!r}", "use zero, mean, blur or a number")
-
-
-def perturbed_scores(
-    runner: Runner, n: int, build: Callable[[Tensor], Tensor], targets: Tensor, prob: bool = False
-) -> Tensor:
-    """Target scores (n,) of n inputs that ``build(indices)`` makes on the device, one chunk of the
-    engine's budget at a time (a chunk is halved on out-of-memory). ``prob``: softmax probability
-    of the target instead of its logit."""
-    device = targets.device
-
-    def one(sl: slice) -> Tensor:
-        idx = torch.arange(sl.start, sl.stop, device=device)
-        xs = build(idx)
-        if prob:
-            return runner.logits(xs).softmax(1).gather(1, targets[idx, None]).squeeze(1)
-        return runner.scores(xs, targets[idx])
-
-    return run_chunked(one, n, runner.budget)
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,7 +153,7 @@ def occlusion(batch: Batch, p: OcclusionParams) -> Tensor:
         hide = rows[win // nx][:, None, :, None] & cols[win % nx][:, None, None, :]  # (n, 1, H, W)
         return torch.where(hide, fill[img], x[img])
 
-    scores = perturbed_scores(batch.runner, b * nwin, build, batch.targets.repeat_interleave(nwin))
+    scores = batch.runner.scores_of(build, b * nwin, batch.targets.repeat_interleave(nwin))
     drop = batch.target_scores()[:, None] - scores.view(b, nwin)
     r, c = rows.to(drop.dtype), cols.to(drop.dtype)
     total = torch.einsum("byx,yh,xw->bhw", drop.view(b, ny, nx), r, c)
@@ -248,9 +229,9 @@ def scorecam(batch: Batch, p: ScoreCamParams) -> Tensor:
 
     targets = batch.targets.repeat_interleave(k)
     if p.weighting == "softmax":
-        weights = perturbed_scores(batch.runner, b * k, build, targets).view(b, k).softmax(1)
+        weights = batch.runner.scores_of(build, b * k, targets).view(b, k).softmax(1)
     else:
-        probs = perturbed_scores(batch.runner, b * k, build, targets, prob=True).view(b, k)
+        probs = batch.runner.scores_of(build, b * k, targets, prob=True).view(b, k)
         base = batch.runner.logits(torch.zeros_like(x[:1])).softmax(1)[0, batch.targets]  # (B,)
         weights = probs - base[:, None]
     return combine(weights, a, p.relu)
@@ -463,7 +444,7 @@ def superpixel(batch: Batch, p: SuperpixelParams) -> MethodOutput:
         keep = zf[idx].gather(1, flat[img]).view(-1, 1, h, w)
         return torch.where(keep, x[img], fill[img])
 
-    y = perturbed_scores(batch.runner, b * n, build, batch.targets.repeat_interleave(n)).view(b, n)
+    y = batch.runner.scores_of(build, b * n, batch.targets.repeat_interleave(n)).view(b, n)
     fx = batch.target_scores()
     if p.kernel == "lime":
         alpha = 1.0 if p.alpha is None else p.alpha
