@@ -16,7 +16,7 @@ from xaicli.engine import Explainer
 from xaicli.errors import LayerError, MethodError
 from xaicli.layers import resolve_layer
 from xaicli.methods import get_method
-from xaicli.methods.base import Runner
+from xaicli.methods.batch import Runner
 from xaicli.methods.eigen import first_component
 
 CAMS = ["cam", "gradcam", "gradcampp", "hirescam", "xgradcam", "layercam", "eigencam"]

@@ -21,7 +21,7 @@ from xaicli.engine import Explainer
 from xaicli.errors import ConfigError, MethodError
 from xaicli.layers import resolve_layer
 from xaicli.methods import get_method
-from xaicli.methods.base import Batch, PixelSpace, Runner
+from xaicli.methods.batch import Batch, PixelSpace, Runner
 from xaicli.methods.gradient import (
     IGParams,
     ig_baseline,

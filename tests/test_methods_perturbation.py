@@ -23,7 +23,7 @@ from xaicli.engine import Explainer
 from xaicli.errors import ConfigError, MethodError
 from xaicli.layers import resolve_layer
 from xaicli.methods import get_method
-from xaicli.methods.base import Runner
+from xaicli.methods.batch import Runner
 from xaicli.methods.perturbation import (
     OcclusionParams,
     SuperpixelParams,
@@ -525,7 +525,7 @@ def test_lime_kernel_is_limes(net) -> None:
     """Sample weights: sqrt(exp(-d^2 / 0.25^2)), d the cosine distance to the all-kept row (as lime_image)."""
     from sklearn.metrics import pairwise_distances
 
-    from xaicli.methods.base import Batch
+    from xaicli.methods.batch import Batch
     from xaicli.methods.perturbation import _coalitions
 
     x = images(2)

@@ -15,7 +15,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from xaicli.cli import app
-from xaicli.methods.base import Batch, Runner
+from xaicli.methods.batch import Batch, Runner
 from xaicli.metrics import all_metrics, get_metric
 from xaicli.metrics.context import MetricContext, boxes_to_original, build_context
 from xaicli.metrics.faithfulness import (

@@ -25,7 +25,7 @@ from xaicli.engine import Explainer, run_explain
 from xaicli.errors import ConfigError, OutputError
 from xaicli.layers import resolve_layer
 from xaicli.methods import get_method
-from xaicli.methods.base import Runner
+from xaicli.methods.batch import Runner
 from xaicli.outputs import SCORES, ScoresFile, drop_torn_tail, read_scores
 
 N_IMAGES = 9

@@ -34,7 +34,7 @@ from .data import ImageEntry, ImageFolder, collate, list_images, worker_init
 from .errors import EXIT_OK, EXIT_PARTIAL, ConfigError, InputError, MethodError, OutputError, suggest
 from .layers import LayerRef, auto_layer, resolve_layer
 from .methods import MethodSpec, get_method
-from .methods.base import Batch, MethodOutput, PixelSpace, Runner, is_oom
+from .methods.batch import Batch, MethodOutput, PixelSpace, Runner, is_oom
 from .metrics import MetricSpec, get_metric
 from .metrics.ground_truth import GroundTruth, load_ground_truth
 from .models import LoadedModel, build_model

@@ -3,7 +3,7 @@
 `xai methods`, config validation and the engine (grad or no-grad, which tensors to capture,
 how to render) all read this one table. A method is a function ``fn(batch, params) -> map``:
 
-* ``batch`` is a :class:`xaicli.methods.base.Batch`: the input on the device, the targets, the
+* ``batch`` is a :class:`xaicli.methods.batch.Batch`: the input on the device, the targets, the
   shared forward's logits, activations and gradients, and a chunked ``forward`` for methods
   that need more passes;
 * ``params`` is the method's frozen parameter dataclass, validated from ``methods.<name>``;

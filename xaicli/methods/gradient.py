@@ -34,7 +34,7 @@ from ..errors import ConfigError, MethodError
 from ..ops import gaussian_blur
 from ..render import reduce_channels
 from . import register
-from .base import Batch, MethodOutput
+from .batch import Batch, MethodOutput
 from .cam import CamParams, gradcam
 
 if TYPE_CHECKING:

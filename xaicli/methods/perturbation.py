@@ -27,8 +27,8 @@ from ..config import fraction, non_negative, positive
 from ..errors import ConfigError, MethodError
 from ..ops import gaussian_blur
 from . import register
-from .base import Batch, MethodOutput
-from .cam import _need, combine
+from .batch import Batch, MethodOutput
+from .cam import combine
 
 Render = Literal["diverging", "magnitude", "positive"]
 FILLS = ("zero", "mean", "blur")
@@ -214,7 +214,7 @@ def scorecam(batch: Batch, p: ScoreCamParams) -> Tensor:
 
     Cost: K masked forwards per image (K = channels or max_channels); ``increase`` adds one forward
     of the zero input per batch."""
-    a, _ = _need(batch, grads=False)
+    a, _ = batch.spatial(grads=False)
     b, c, h, w = a.shape
     if p.max_channels and c > p.max_channels:
         keep = a.flatten(2).var(2).topk(p.max_channels, dim=1).indices  # (B, K)

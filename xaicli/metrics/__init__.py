@@ -2,7 +2,7 @@
 
 A metric is a function ``fn(batch, maps, params) -> dict[str, Tensor]``:
 
-* ``batch`` is the method's :class:`xaicli.methods.base.Batch` (input, targets, chunked runner);
+* ``batch`` is the method's :class:`xaicli.methods.batch.Batch` (input, targets, chunked runner);
 * ``maps`` is (B, H, W) float32 on the device at the model input's resolution, non-negative and
   scaled to [0, 1] per image (how the engine normalises for rendering);
 * the result maps score names to per-image values (B,) (or per-image lists as (B, N) / (B, N, 4)

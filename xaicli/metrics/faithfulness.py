@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..config import positive
-from ..methods.base import Batch
+from ..methods.batch import Batch
 from ..ops import gaussian_blur
 from ..render import to_input_size
 from . import register

@@ -56,7 +56,7 @@ from ..engine import Explainer, LogitsOnly
 from ..errors import ConfigError, InputError, MethodError
 from ..layers import LayerRef
 from ..methods import MethodSpec
-from ..methods.base import Runner, chunks
+from ..methods.batch import Runner, chunks
 from ..render import to_input_size
 
 MEASURES = ("spearman_abs", "spearman", "ssim")

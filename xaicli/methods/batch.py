@@ -6,10 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, overload
 
 import torch
 from torch import Tensor, nn
+
+from ..errors import MethodError
 
 if TYPE_CHECKING:
     from ..layers import LayerRef
@@ -174,6 +176,26 @@ class Batch:
     @property
     def size(self) -> int:
         return int(self.x.shape[0])
+
+    @overload
+    def spatial(self, grads: Literal[True] = True) -> tuple[Tensor, Tensor]: ...
+    @overload
+    def spatial(self, grads: bool) -> tuple[Tensor, Tensor | None]: ...
+
+    def spatial(self, grads: bool = True) -> tuple[Tensor, Tensor | None]:
+        """The target layer's activations A and gradients G = d logit[target] / d A, (B, C, h, w)
+        each; ``grads`` False: G is not required (None when the pass took no gradients). A
+        MethodError when the pass did not capture them or the layer gives no spatial map."""
+        a, g = self.activations, self.gradients
+        if a is None or (grads and g is None):
+            raise MethodError("this method needs the target layer's activations and gradients")
+        if a.dim() != 4:
+            raise MethodError(
+                f"target layer {self.layer.spec if self.layer else '?'} gives shape {tuple(a.shape)}, "
+                "not a spatial map (B, C, h, w)",
+                "pick a convolutional layer (`xai layers` prints the shapes)",
+            )
+        return a, g
 
     def target_scores(self) -> Tensor:
         return self.logits.gather(1, self.targets[:, None]).squeeze(1)
