@@ -148,11 +148,6 @@ class PixelSpace:
         mean, std = self._stats(pixels)
         return (pixels - mean) / std
 
-    def to_pixels(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) model input -> pixel values (in [0, 1] for a real image)."""
-        mean, std = self._stats(x)
-        return x * std + mean
-
 
 @dataclass
 class Batch:
