@@ -63,7 +63,7 @@ from xaicli.engine import Explainer, autocast_factory, signed_mode  # noqa: E402
 from xaicli.errors import XaiError  # noqa: E402
 from xaicli.layers import auto_layer, resolve_layer  # noqa: E402
 from xaicli.methods import MethodSpec, all_methods  # noqa: E402
-from xaicli.methods.base import Runner  # noqa: E402
+from xaicli.methods.batch import Runner  # noqa: E402
 from xaicli.render import normalize, to_input_size  # noqa: E402
 
 # Knobs of many-forward methods, matched on both sides. Keys are candidate field names of the

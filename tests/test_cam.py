@@ -16,7 +16,7 @@ from xaicli.engine import Explainer
 from xaicli.errors import LayerError, MethodError
 from xaicli.layers import resolve_layer
 from xaicli.methods import get_method
-from xaicli.methods.base import Runner
+from xaicli.methods.batch import Runner
 from xaicli.methods.eigen import first_component
 
 CAMS = ["cam", "gradcam", "gradcampp", "hirescam", "xgradcam", "layercam", "eigencam"]
@@ -113,9 +113,6 @@ def test_eigencam_is_class_agnostic_and_sign_corrected(gap_net, x):
 
 # --- pytorch-grad-cam as the reference --------------------------------------------------------
 
-pgc = pytest.importorskip("pytorch_grad_cam")
-
-
 def pgc_normalise(ours: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """pytorch-grad-cam min-max normalises, resizes with cv2 and normalises again (aggregate)."""
     from pytorch_grad_cam.utils.image import scale_cam_image
@@ -134,7 +131,7 @@ REFS = {
 
 @pytest.mark.parametrize("method", list(REFS))
 @pytest.mark.parametrize("model_name", ["gapnet", "resnet18"])
-def test_matches_pytorch_grad_cam(method, model_name):
+def test_matches_pytorch_grad_cam(method, model_name, pgc):
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     torch.manual_seed(0)
@@ -156,6 +153,7 @@ def test_matches_pytorch_grad_cam(method, model_name):
     np.testing.assert_allclose(pgc_normalise(ours, size), ref, atol=tol, rtol=0)
 
 
+@pytest.mark.usefixtures("pgc")
 def test_eigencam_matches_pytorch_grad_cam(gap_net, x):
     from pytorch_grad_cam.utils.svd_on_activations import (
         get_2d_projection,

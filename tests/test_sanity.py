@@ -235,7 +235,7 @@ def test_full_randomization_does_not_depend_on_the_grouping(trained) -> None:
 
 
 def test_batching_does_not_change_the_result(trained) -> None:
-    from xaicli.methods.base import Runner
+    from xaicli.methods.batch import Runner
 
     net, x, _, _, _ = trained
     a = cascade(net, x[:6], ["gradcam"], "features", steps=2, runner=Runner(model=net, budget=6))

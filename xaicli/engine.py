@@ -20,7 +20,7 @@ from .config import Config, TargetConfig
 from .errors import ConfigError, MethodError, suggest
 from .layers import LayerRef, auto_layer, resolve_layer
 from .methods import MethodSpec
-from .methods.base import Batch, MethodOutput, PixelSpace, Runner
+from .methods.batch import Batch, MethodOutput, PixelSpace, Runner
 from .metrics import MetricSpec
 from .metrics.ground_truth import GroundTruth, load_ground_truth
 from .models import LoadedModel, build_model

@@ -33,7 +33,7 @@ from .config import Config
 from .data import ImageEntry, ImageFolder, ListedImages, LoadedBatch, collate, list_images, worker_init
 from .engine import BatchResult, MethodResult, Setup, select_device, setup, signed_mode
 from .errors import EXIT_OK, EXIT_PARTIAL, ConfigError, InputError, MethodError
-from .methods.base import Batch, is_oom, split_on_oom, stable_seed
+from .methods.batch import Batch, is_oom, split_on_oom, stable_seed
 from .metrics.context import MetricContext
 from .metrics.ground_truth import build_context
 from .outputs import ScoresFile, Writer, encode_image, encode_npy, map_file, overlay_file, prepare_out_dir

@@ -53,7 +53,7 @@ from .config import Config, TargetConfig
 from .engine import Explainer
 from .errors import ConfigError, InputError, MethodError
 from .layers import LayerRef, trace_modules
-from .methods.base import Runner, chunks, stable_seed
+from .methods.batch import Runner, chunks, stable_seed
 from .metrics.similarity import MEASURES, compare
 
 DEFAULT_MAX_SPEARMAN = 0.5

@@ -29,9 +29,10 @@ from torch.overrides import TorchFunctionMode
 
 from ..config import IMAGE_FILE, non_negative, positive
 from ..errors import ConfigError, MethodError
+from ..ops import gaussian_blur
 from ..render import reduce_channels
 from . import register
-from .base import Batch, MethodOutput
+from .batch import Batch, MethodOutput
 from .cam import CamParams, gradcam
 
 Render = Literal["diverging", "magnitude", "positive"]
@@ -411,19 +412,6 @@ class IGParams:
             raise ConfigError(f"{key}.steps: the trapezoid rule needs at least 2 steps, got {self.steps}")
 
 
-def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of (B, C, H, W) per channel, radius 3 sigma, edges replicated."""
-    radius = max(1, int(np.ceil(3 * sigma)))
-    k = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
-    k = torch.exp(-0.5 * (k / sigma) ** 2)
-    k = (k / k.sum()).to(x.dtype)
-    c = x.shape[1]
-    out = F.pad(x, (radius, radius, 0, 0), mode="replicate")
-    out = F.conv2d(out, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    out = F.pad(out, (0, 0, radius, radius), mode="replicate")
-    return F.conv2d(out, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-
-
 def ig_baseline(batch: Batch, p: IGParams) -> Tensor:
     """The baseline x' (B, C, H, W) in model-input space."""
     x = batch.x
@@ -498,7 +486,6 @@ __all__: list[str] = [
     "IGParams",
     "PixelParams",
     "SmoothGradParams",
-    "gaussian_blur",
     "ig_baseline",
     "input_gradients",
     "integrated_attributions",

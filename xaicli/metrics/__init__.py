@@ -2,7 +2,7 @@
 
 A metric is a function ``fn(batch, maps, params) -> dict[str, Tensor]``:
 
-* ``batch`` is the method's :class:`xaicli.methods.base.Batch` (input, targets, chunked runner);
+* ``batch`` is the method's :class:`xaicli.methods.batch.Batch` (input, targets, chunked runner);
 * ``maps`` is (B, H, W) float32 on the device at the model input's resolution, non-negative and
   scaled to [0, 1] per image (how the engine normalises for rendering);
 * the result maps score names to per-image values (B,) (or per-image lists as (B, N) / (B, N, 4)
@@ -17,12 +17,11 @@ the model input shows, and (``ground_truth=True``) its ground truth mapped into 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError, suggest
+from ..registry import Registry
 
 
 @dataclass(frozen=True)
@@ -38,10 +37,7 @@ class MetricSpec:
     outputs: tuple[str, ...] = ()  # the keys fn may return (scores.jsonl, `xai check` rules)
 
 
-_REGISTRY: dict[str, MetricSpec] = {}
-# Modules that register metrics on import; later issues append theirs here.
-_MODULES: tuple[str, ...] = ("faithfulness", "localization")
-_loaded = False
+_metrics: Registry[MetricSpec] = Registry("metric", __name__)
 
 
 def register(
@@ -54,43 +50,25 @@ def register(
     ground_truth: bool = False,
     outputs: tuple[str, ...] = (),
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``fn`` under ``name``; a duplicate name fails at import."""
     if not dataclasses.is_dataclass(params):
         raise TypeError(f"{name}: params must be a dataclass")
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        if name in _REGISTRY:
-            raise RuntimeError(f"metric {name!r} registered twice")
-        _REGISTRY[name] = MetricSpec(
+        spec = MetricSpec(
             name, fn, summary, params, cost or (lambda p: 0), context or ground_truth, ground_truth,
             outputs or (name,),
         )
+        _metrics.register(name, spec, module=fn.__module__)
         return fn
 
     return deco
 
 
-def _load() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for mod in _MODULES:
-        try:
-            importlib.import_module(f"{__name__}.{mod}")
-        except ModuleNotFoundError as e:  # a module of a later issue not written yet
-            if e.name != f"{__name__}.{mod}":
-                raise
-
-
 def all_metrics() -> list[MetricSpec]:
-    _load()
-    return list(_REGISTRY.values())
+    return _metrics.all()
 
 
 def get_metric(name: str, path: str = "metrics") -> MetricSpec:
-    _load()
-    key = name.strip().lower().replace("-", "_")
-    if key not in _REGISTRY:
-        choices = list(_REGISTRY) or ["(none available yet)"]
-        raise ConfigError(f"{path}: unknown metric {name!r}", suggest(name, choices))
-    return _REGISTRY[key]
+    """The spec of a metric by name; the error lists the close matches."""
+    return _metrics.get(name, path)

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ..config import non_negative
-from ..methods.base import Batch
+from ..methods.batch import Batch
 from . import register
 from .context import MetricContext, boxes_to_original
 

@@ -7,10 +7,12 @@ import hashlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, overload
 
 import torch
 from torch import Tensor, nn
+
+from ..errors import MethodError
 
 if TYPE_CHECKING:
     from ..layers import LayerRef
@@ -97,6 +99,24 @@ class Runner:
 
         return run_chunked(one, x.shape[0], self.budget)
 
+    def scores_of(
+        self, build: Callable[[Tensor], Tensor], n: int, targets: Tensor, prob: bool = False
+    ) -> Tensor:
+        """Target scores (n,) of ``n`` inputs made on demand, without gradients: ``build(idx)``
+        returns the inputs of the items ``idx`` (int64 indices on the device), one chunk of the
+        budget at a time (halved on out-of-memory), so only one chunk of inputs lives at a time.
+        ``targets`` is (n,); ``prob``: the target's softmax probability instead of its logit."""
+
+        def one(sl: slice) -> Tensor:
+            idx = torch.arange(sl.start, sl.stop, device=targets.device)
+            with torch.inference_mode():
+                xs = build(idx)
+                with self.autocast():
+                    out = self.model(self.prepare(xs)).float()
+            return (out.softmax(1) if prob else out).gather(1, targets[idx, None]).squeeze(1)
+
+        return run_chunked(one, n, self.budget)
+
     def input_gradients(self, x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """d logit[target] / d input for each input, and the target logits, chunked."""
         grads: list[Tensor] = []
@@ -144,11 +164,6 @@ class PixelSpace:
         mean, std = self._stats(pixels)
         return (pixels - mean) / std
 
-    def to_pixels(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) model input -> pixel values (in [0, 1] for a real image)."""
-        mean, std = self._stats(x)
-        return x * std + mean
-
 
 @dataclass
 class Batch:
@@ -172,6 +187,26 @@ class Batch:
     @property
     def size(self) -> int:
         return int(self.x.shape[0])
+
+    @overload
+    def spatial(self, grads: Literal[True] = True) -> tuple[Tensor, Tensor]: ...
+    @overload
+    def spatial(self, grads: bool) -> tuple[Tensor, Tensor | None]: ...
+
+    def spatial(self, grads: bool = True) -> tuple[Tensor, Tensor | None]:
+        """The target layer's activations A and gradients G = d logit[target] / d A, (B, C, h, w)
+        each; ``grads`` False: G is not required (None when the pass took no gradients). A
+        MethodError when the pass did not capture them or the layer gives no spatial map."""
+        a, g = self.activations, self.gradients
+        if a is None or (grads and g is None):
+            raise MethodError("this method needs the target layer's activations and gradients")
+        if a.dim() != 4:
+            raise MethodError(
+                f"target layer {self.layer.spec if self.layer else '?'} gives shape {tuple(a.shape)}, "
+                "not a spatial map (B, C, h, w)",
+                "pick a convolutional layer (`xai layers` prints the shapes)",
+            )
+        return a, g
 
     def target_scores(self) -> Tensor:
         return self.logits.gather(1, self.targets[:, None]).squeeze(1)
