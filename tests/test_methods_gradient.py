@@ -28,8 +28,8 @@ from xaicli.methods.gradient import (
     input_gradients,
     integrated_attributions,
     quadrature,
-    relu_rule,
 )
+from xaicli.methods.relu_rules import relu_rule
 
 MEAN = (0.5, 0.4, 0.3)
 STD = (0.25, 0.2, 0.3)

@@ -74,13 +74,6 @@ class BatchResult:
     batches: list[Batch] = field(default_factory=list)  # per target rank, what the methods saw (for metrics)
 
 
-def signed_mode(spec: MethodSpec, params: Any) -> str | None:
-    """How a map is scaled for display and metrics: None (unsigned), or the method's ``render``."""
-    if not spec.signed:
-        return None
-    return getattr(params, "render", "diverging")
-
-
 class Explainer:
     """Tensors in, raw maps out: the shared pass and every method for one batch, on the device."""
 
@@ -151,8 +144,8 @@ class Explainer:
     def _dispatch(res: MethodResult, batch: Batch) -> None:
         out = res.spec.fn(batch, res.params)
         m, extras = (out.map, out.extras) if isinstance(out, MethodOutput) else (out, {})
-        reduce = getattr(res.params, "reduce", "max_abs" if not res.spec.signed else "sum")
-        res.maps.append(reduce_channels(m.float(), reduce))
+        _, reduce = res.spec.display(res.params)
+        res.maps.append(reduce_channels(m.float(), reduce))  # pixel maps (B, C, H, W): the one reduction
         res.extras.append(extras)
 
 

@@ -31,7 +31,7 @@ from torch import Tensor
 from . import records
 from .config import Config
 from .data import ImageEntry, ImageFolder, ListedImages, LoadedBatch, collate, list_images, worker_init
-from .engine import BatchResult, MethodResult, Setup, select_device, setup, signed_mode
+from .engine import BatchResult, MethodResult, Setup, select_device, setup
 from .errors import EXIT_OK, EXIT_PARTIAL, ConfigError, InputError, MethodError
 from .methods.batch import Batch, is_oom, split_on_oom, stable_seed
 from .metrics.context import MetricContext
@@ -406,7 +406,7 @@ class _BatchOutputs:
         """The map of method ``mres`` for target rank ``j``: stats, metrics, overlays, raw maps."""
         st, o = self.ctx.st, self.ctx.st.cfg.output
         spec, raw = mres.spec, mres.maps[j]
-        mode = signed_mode(spec, mres.params)
+        mode, _ = spec.display(mres.params)
         flat = raw.flatten(1)
         stats = torch.stack([flat.amin(1), flat.amax(1), flat.mean(1)], 1).cpu()
         norm = normalize(raw, mode)

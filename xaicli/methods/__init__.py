@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..registry import Registry
+from ..render import ChannelReduce, Render
 
 Family = Literal["cam", "gradient", "perturbation"]
 Space = Literal["layer", "pixel"]
@@ -51,6 +52,15 @@ class MethodSpec:
     @property
     def needs_grad(self) -> bool:
         return self.grad_of != "none" or self.family == "gradient"
+
+    def display(self, params: Any) -> tuple[Render | None, ChannelReduce]:
+        """How the engine shows this method's raw maps, from the two display knobs a method may
+        declare: ``render`` (signed maps: diverging, magnitude or positive; None for unsigned
+        maps) and ``reduce`` (how a pixel map (B, C, H, W) becomes (B, H, W); unset: the largest
+        magnitude over channels for magnitude maps, the signed sum otherwise)."""
+        mode: Render | None = getattr(params, "render", "diverging") if self.signed else None
+        reduce: ChannelReduce | None = getattr(params, "reduce", None)
+        return mode, reduce or ("max_abs" if mode in (None, "magnitude") else "sum")
 
     def cost_text(self, params: Any = None, channels: int | None = None) -> str:
         f, b = self.cost(params if params is not None else self.params(), channels)

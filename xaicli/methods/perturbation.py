@@ -26,11 +26,11 @@ from torch import Tensor
 from ..config import fraction, non_negative, positive
 from ..errors import ConfigError, MethodError
 from ..ops import gaussian_blur
+from ..render import Render
 from . import register
 from .batch import Batch, MethodOutput
 from .cam import combine
 
-Render = Literal["diverging", "magnitude", "positive"]
 FILLS = ("zero", "mean", "blur")
 
 
