@@ -88,11 +88,12 @@ def test_constant_map_deletes_in_row_major_order():
     model, x = FirstRowNet(a), torch.ones(1, 3, 4, 4)
     batch = make_batch(model, x, torch.tensor([0]))
     const = torch.full((1, 4, 4), 0.7)
-    d = get_metric("deletion").fn(batch, const, DeletionParams(steps=4, save_curve=True))
+    ctx = plain_context(1, 4, 4)
+    d = get_metric("deletion").fn(batch, const, DeletionParams(steps=4, save_curve=True), ctx)
     expect = [sig(a), 0.5, 0.5, 0.5, 0.5]
     assert d["deletion_curve"][0].tolist() == pytest.approx(expect, abs=1e-6)
     assert d["deletion_auc"].item() == pytest.approx((sig(a) / 2 + 0.5 * 3 + 0.25) / 4, abs=1e-6)
-    ins = get_metric("insertion").fn(batch, const, InsertionParams(steps=4, substrate="zero", save_curve=True))
+    ins = get_metric("insertion").fn(batch, const, InsertionParams(steps=4, substrate="zero", save_curve=True), ctx)
     assert ins["insertion_curve"][0].tolist() == pytest.approx([0.5, sig(a), sig(a), sig(a), sig(a)], abs=1e-6)
     assert ins["insertion_auc"].item() == pytest.approx((0.25 + 3 * sig(a) + sig(a) / 2) / 4, abs=1e-6)
     # Half a row per step: row 0's mean falls to 0.5 after step 1.
@@ -146,14 +147,14 @@ def test_drop_increase_known_values(gap_net):
     x = torch.randn(4, 3, 16, 16)
     batch = make_batch(gap_net, x)
     fn = get_metric("drop_increase").fn
-    ones = fn(batch, torch.ones(4, 16, 16), get_metric("drop_increase").params())
+    ones = fn(batch, torch.ones(4, 16, 16), get_metric("drop_increase").params(), plain_context(4, 16, 16))
     assert ones["avg_drop"].tolist() == [0.0] * 4 and ones["increase"].tolist() == [0.0] * 4
     # Hand-computed: halving the image halves class 0's logit on FirstRowNet.
     a = 3.0
     row = FirstRowNet(a)
     xr = torch.ones(2, 3, 4, 4)
     half = torch.full((2, 4, 4), 0.5)
-    out = fn(make_batch(row, xr, torch.tensor([0, 1])), half, get_metric("drop_increase").params())
+    out = fn(make_batch(row, xr, torch.tensor([0, 1])), half, get_metric("drop_increase").params(), plain_context(2, 4, 4))
     p0, o0 = sig(a), sig(a / 2)
     assert out["avg_drop"][0].item() == pytest.approx((p0 - o0) / p0, abs=1e-6)
     assert out["increase"][0].item() == 0.0

@@ -413,7 +413,7 @@ class _BatchOutputs:
         metric_vals = self._metrics(self.res.batches[j], raw, mode) if st.metrics else {}
         extras = {k: v.detach().float().cpu() for k, v in mres.extras[j].items()}
         suffix = f".{spec.name}" + (f".top{j + 1}" if st.target.mode == "topk" else "")
-        boxes = metric_vals.get("boxes") if any(getattr(mp, "draw", False) for _, mp in st.metrics) else None
+        boxes = next((b for ms, mp in st.metrics if (b := ms.boxes_to_draw(mp, metric_vals)) is not None), None)
         overlays, peaks = compose(self.images, norm, self.windows, self.ctx.palette, signed=mode == "diverging",
                                   boxes=boxes, overlays=o.overlays)
         layer = st.layer.spec if (st.layer is not None and spec.needs_layer) else None
@@ -446,8 +446,7 @@ class _BatchOutputs:
         metric_map = to_input_size(metric_map, st.loaded.preprocess.input_size)
         out: dict[str, Tensor] = {}
         for mspec, mparams in st.metrics:
-            margs = (mb, metric_map, mparams, self.metric_ctx) if mspec.context else (mb, metric_map, mparams)
-            for key, val in mspec.fn(*margs).items():
+            for key, val in mspec.fn(mb, metric_map, mparams, self.metric_ctx).items():
                 out[key] = val.detach().float().cpu()
         return out
 

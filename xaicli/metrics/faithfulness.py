@@ -32,6 +32,7 @@ from ..methods.batch import Batch
 from ..ops import gaussian_blur
 from ..render import to_input_size
 from . import register
+from .context import MetricContext
 
 
 def _odd_positive(v: int) -> str | None:
@@ -114,21 +115,21 @@ def _curve_metric(batch: Batch, maps: Tensor, p: DeletionParams, name: str, inse
 
 @register("deletion", summary="RISE deletion AUC: probability as the most salient pixels are removed (lower is better)",
           params=DeletionParams, outputs=("deletion_auc", "deletion_curve"), cost=lambda p: p.steps + 1)
-def deletion(batch: Batch, maps: Tensor, p: DeletionParams) -> dict[str, Tensor]:
+def deletion(batch: Batch, maps: Tensor, p: DeletionParams, ctx: MetricContext) -> dict[str, Tensor]:
     """``deletion_auc`` (B,) and, with ``save_curve``, ``deletion_curve`` (B, n+1), which starts at p(x)."""
     return _curve_metric(batch, maps, p, "deletion", insert=False)
 
 
 @register("insertion", summary="RISE insertion AUC: probability as the most salient pixels are restored (higher is better)",
           params=InsertionParams, outputs=("insertion_auc", "insertion_curve"), cost=lambda p: p.steps + 1)
-def insertion(batch: Batch, maps: Tensor, p: InsertionParams) -> dict[str, Tensor]:
+def insertion(batch: Batch, maps: Tensor, p: InsertionParams, ctx: MetricContext) -> dict[str, Tensor]:
     """``insertion_auc`` (B,) and, with ``save_curve``, ``insertion_curve`` (B, n+1), which ends at p(x)."""
     return _curve_metric(batch, maps, p, "insertion", insert=True)
 
 
 @register("drop_increase", summary="Grad-CAM++ Average Drop (lower is better) and Increase in Confidence",
           params=DropIncreaseParams, outputs=("avg_drop", "increase"), cost=lambda p: 2)
-def drop_increase(batch: Batch, maps: Tensor, p: DropIncreaseParams) -> dict[str, Tensor]:
+def drop_increase(batch: Batch, maps: Tensor, p: DropIncreaseParams, ctx: MetricContext) -> dict[str, Tensor]:
     """``avg_drop`` = max(0, p - o) / p and ``increase`` = 1[o > p] (B,), with p the probability of
     the target on x and o on x * map (map in [0, 1], broadcast over channels, normalised space);
     both from the same runner pass so an all-ones map gives exactly 0 and 0."""
