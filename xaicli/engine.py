@@ -96,6 +96,7 @@ class Explainer:
         self.keep_batches = keep_batches
         self.need_layer = any(s.needs_layer for s, _ in methods)
         self.grad_of = {s.grad_of for s, _ in methods} - {"none"}
+        self.checks = True  # the methods' host-side consistency checks on every batch (see Batch.checks)
         if self.need_layer and layer is None:
             raise ConfigError("target_layer: the chosen methods need a target layer")
 
@@ -130,7 +131,7 @@ class Explainer:
                 batch = Batch(
                     x=x.detach(), targets=t, logits=cap.logits, runner=self.runner, layer=self.layer,
                     activations=cap.activations, gradients=grads, input_grad=input_grad, seeds=seeds,
-                    pixels=self.pixels,
+                    pixels=self.pixels, checks=self.checks,
                 )
                 for res in results:
                     self._dispatch(res, batch)
@@ -169,9 +170,13 @@ class Setup:
     ground_truth: GroundTruth | None = None  # for the localization metrics
 
     def explainer(self, keep_batches: bool = False) -> Explainer:
+        """The Explainer of the run. Setup's dry run did the methods' host-side checks once, so
+        batches skip them (no sync per batch for them on a GPU)."""
         pre = self.loaded.preprocess
-        return Explainer(self.model, self.methods, self.layer, self.target, self.runner, keep_batches,
-                         pixels=PixelSpace(tuple(pre.mean), tuple(pre.std)))
+        explainer = Explainer(self.model, self.methods, self.layer, self.target, self.runner, keep_batches,
+                              pixels=PixelSpace(tuple(pre.mean), tuple(pre.std)))
+        explainer.checks = False
+        return explainer
 
 
 def resolve_target(target: TargetConfig, labels: list[str] | None, n_classes: int) -> TargetConfig:

@@ -179,6 +179,9 @@ class Batch:
     input_grad: Tensor | None = None  # d logit[target] / d x, float32
     seeds: Tensor | None = None  # (B,) int64, one seed per image (stable across batch sizes)
     pixels: PixelSpace = field(default_factory=PixelSpace)  # input normalisation (black image, noise range)
+    # Run the methods' consistency checks that read values back to the host (a sync on a GPU).
+    # The folder run does them once, in setup's dry run, and not on every batch.
+    checks: bool = True
 
     @property
     def model(self) -> nn.Module:
