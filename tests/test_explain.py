@@ -257,3 +257,26 @@ def test_methods_and_metrics_list_their_knobs(tiny_config):
     assert configured["deletion"]["forwards"] == 11
     table = xai("metrics").output
     assert "deletion_auc" in table and "box_iou" in table and "needs ground truth" in table
+
+
+def test_random_weights_are_asked_for_and_assumptions_are_said(tmp_path, image_dir, tiny_config):
+    """No trained weights: exit 2 unless `weights: random`; `null` runs with a warning that is
+    printed at the start and kept in run.json, as are the class names and preprocessing assumed."""
+    tv = tmp_path / "tv.yaml"
+    tv.write_text("model: {source: torchvision, name: resnet18}\nruntime: {device: cpu, workers: 0}\n")
+    r = xai("explain", image_dir, "-c", tv, "-o", tmp_path / "o1")
+    assert r.exit_code == 2 and "model.weights: not given" in r.output and "weights: random" in r.output
+    cfg = tiny_config()
+    cfg.write_text(cfg.read_text().replace("kwargs: {num_classes: 5}", "kwargs: {num_classes: 5}\n  weights: null"))
+    out = tmp_path / "o2"
+    r = xai("explain", image_dir, "-c", cfg, "-o", out)
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert text.count("warning: model.weights is null: the model runs with random weights") == 1
+    assert "warning: the model has no class names" in text
+    run = json.loads((out / "run.json").read_text())
+    assert run["warnings"][0].startswith("model.weights is null") and "no class names" in run["warnings"][1]
+    assert run["sources"]["weights"] == "random" and run["sources"]["labels"] == "none"
+    assert run["sources"]["preprocess"]["resize"] == "config" and run["model"].endswith("(random weights)")
+    r = xai("explain", image_dir, "-c", cfg, "-o", tmp_path / "o3", "--quiet")
+    assert "model.weights is null" in r.output  # a warning is not progress: --quiet keeps it

@@ -79,6 +79,10 @@ class RichProgress:
         self._p: Any = None
         self._task: Any = None
 
+    def warn(self, message: str) -> None:
+        """Something the user should know before trusting the maps: printed even when quiet."""
+        err_console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
     def start(self, total: int, description: str) -> None:
         if self.quiet:
             return

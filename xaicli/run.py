@@ -57,12 +57,16 @@ class RunRequest:
 
 
 class ProgressHook(Protocol):
+    def warn(self, message: str) -> None: ...
     def start(self, total: int, description: str) -> None: ...
     def advance(self, n: int) -> None: ...
     def finish(self) -> None: ...
 
 
 class _NoProgress:
+    def warn(self, message: str) -> None:
+        pass
+
     def start(self, total: int, description: str) -> None:
         pass
 
@@ -199,6 +203,9 @@ def _run(req: RunRequest, plan: Plan, layout: Layout, listed: ListedImages, prog
     cfg = req.cfg
     st = setup(plan, layout.device(select_device(cfg.runtime.device)))
     clock.load_s = time.perf_counter() - clock.t0
+    if layout.is_main:  # once per run, not once per torchrun rank
+        for message in st.warnings:
+            progress.warn(message)
     entries = layout.select(listed.entries)
     done = layout.done() if req.resume else {}
     todo = [e for e in entries if e.rel not in done]
@@ -251,6 +258,8 @@ def _manifest(req: RunRequest, st: Setup, layout: Layout, counts: dict[str, int]
         "output": str(req.out),
         "config": req.cfg.to_dict(),
         "model": st.loaded.description,
+        "sources": st.loaded.sources,
+        "warnings": st.warnings,
         "n_classes": st.n_classes,
         "layer": st.layer.spec if st.layer else None,
         "layer_shape": list(st.layer_shape) if st.layer_shape else None,
