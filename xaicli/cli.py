@@ -156,7 +156,10 @@ def explain(
     ] = None,
     layer: Annotated[str | None, typer.Option("--layer", "-l", help="Target layer, e.g. layer4 or NAME:input.")] = None,
     target: Annotated[
-        str | None, typer.Option("--target", "-t", help="predicted (default), a class index, a class name, or topK.")
+        str | None,
+        typer.Option("--target", "-t", help="predicted (default), a class index or name, topK; per image: folder "
+                     "(the parent folder names the class) or a CSV/JSON file (path,target); predicted,folder or "
+                     "predicted,FILE for both maps."),
     ] = None,
     device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or mps.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Images per batch.")] = None,

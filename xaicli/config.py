@@ -131,12 +131,21 @@ EMBEDDED_LAYER = "_avg_pooling:input"
 
 @dataclass(frozen=True)
 class TargetConfig:
-    """Which class each map explains: the prediction, a fixed class, or the top-k classes."""
+    """Which class each map explains: the prediction, a fixed class, the top-k classes, or a class
+    per image (``file``: a CSV/JSON of path -> class; ``folder``: the image's parent folder, as in
+    torchvision's ImageFolder). ``also_predicted``: per-image targets plus the prediction, two maps
+    per image and method (``predicted,folder``), to see both sides of a mistake."""
 
-    mode: Literal["predicted", "index", "name", "topk"] = "predicted"
+    mode: Literal["predicted", "index", "name", "topk", "file", "folder"] = "predicted"
     index: int | None = None
     name: str | None = None
     k: int = 1
+    file: str | None = None
+    also_predicted: bool = False
+
+    @property
+    def per_image(self) -> bool:
+        return self.mode in ("file", "folder")
 
     def describe(self) -> str:
         if self.mode == "index":
@@ -145,6 +154,9 @@ class TargetConfig:
             return str(self.name)
         if self.mode == "topk":
             return f"top{self.k}"
+        if self.per_image:
+            source = str(self.file) if self.mode == "file" else "folder"
+            return f"predicted,{source}" if self.also_predicted else source
         return "predicted"
 
 
@@ -334,16 +346,24 @@ def build_dataclass(cls: type, data: Any, path: str) -> Any:
 _TOPK = re.compile(r"^top[-_:]?(\d+)$", re.IGNORECASE)
 
 
+TARGET_FILE_SUFFIXES = (".csv", ".json")
+_TARGET_CHOICES = "'predicted', a class index, a class name, 'topK', 'folder', a CSV/JSON file or 'predicted,folder'"
+
+
 def parse_target(value: Any, path: str = "target") -> TargetConfig:
-    """``predicted`` | class index | class name | ``top3`` / ``{topk: 3}``."""
+    """``predicted`` | class index | class name | ``top3`` / ``{topk: 3}`` | ``folder`` | a
+    ``.csv`` / ``.json`` file of per-image classes | ``predicted,<folder or file>`` (also as a
+    YAML list) for both the prediction and the per-image class."""
     if value is None or value == "predicted":
         return TargetConfig()
     if isinstance(value, bool):
-        raise ConfigError(f"{path}: expected 'predicted', a class index, a class name or 'topK', got {value!r}")
+        raise ConfigError(f"{path}: expected {_TARGET_CHOICES}, got {value!r}")
     if isinstance(value, int):
         if value < 0:
             raise ConfigError(f"{path}: a class index must be >= 0, got {value}")
         return TargetConfig(mode="index", index=value)
+    if isinstance(value, (list, tuple)) or (isinstance(value, str) and "," in value and "predicted" in value):
+        return _parse_with_predicted(value, path)
     if isinstance(value, Mapping):
         if set(value) != {"topk"}:
             raise ConfigError(f"{path}: a mapping target takes exactly one key 'topk', got {dict(value)!r}")
@@ -355,6 +375,12 @@ def parse_target(value: Any, path: str = "target") -> TargetConfig:
         text = value.strip()
         if text.isdigit():
             return TargetConfig(mode="index", index=int(text))
+        per_image = _per_image_target(text)
+        if per_image is not None:
+            return per_image
+        if text.replace("-", "_").lower() in ("predicted_and_true", "predicted_and_folder", "true"):
+            raise ConfigError(f"{path}: {text!r} needs the true classes: say where they come from",
+                              "use 'predicted,folder' (the parent folder names the class) or 'predicted,FILE.csv'")
         m = _TOPK.match(text)
         if m:
             k = int(m.group(1))
@@ -364,7 +390,27 @@ def parse_target(value: Any, path: str = "target") -> TargetConfig:
         if not text:
             raise ConfigError(f"{path}: empty class name")
         return TargetConfig(mode="name", name=text)
-    raise ConfigError(f"{path}: expected 'predicted', a class index, a class name or 'topK', got {value!r}")
+    raise ConfigError(f"{path}: expected {_TARGET_CHOICES}, got {value!r}")
+
+
+def _per_image_target(text: str) -> TargetConfig | None:
+    """``folder`` or a targets file (by its suffix), else None."""
+    if text.lower() == "folder":
+        return TargetConfig(mode="folder")
+    if text.lower().endswith(TARGET_FILE_SUFFIXES):
+        return TargetConfig(mode="file", file=text)
+    return None
+
+
+def _parse_with_predicted(value: Any, path: str) -> TargetConfig:
+    """``predicted,folder`` / ``[predicted, labels.csv]``: the prediction and the per-image class."""
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+    others = [v for v in items if v != "predicted"]
+    per_image = _per_image_target(others[0]) if len(others) == 1 and isinstance(others[0], str) else None
+    if len(items) != 2 or per_image is None:
+        raise ConfigError(f"{path}: a list of targets is 'predicted' and one per-image source ('folder' or a "
+                          f"CSV/JSON file), got {value!r}", "e.g. predicted,folder")
+    return dataclasses.replace(per_image, also_predicted=True)
 
 
 def parse_methods(value: Any, path: str = "method") -> tuple[str, ...]:

@@ -26,6 +26,7 @@ from .metrics.ground_truth import GroundTruth, load_ground_truth
 from .models import LoadedModel, build_model
 from .plan import Plan, prepare, resolve_plan
 from .render import reduce_channels
+from .targets import ImageTargets, load_image_targets
 
 # --------------------------------------------------------------------------------------------
 # Device and precision
@@ -109,6 +110,8 @@ class Explainer:
     def targets_for(self, logits: Tensor) -> Tensor:
         t = self.target
         b = logits.shape[0]
+        if t.per_image:
+            raise ConfigError(f"target: {t.describe()} gives a class per image file; pass the classes as targets=")
         if t.mode == "topk":
             return logits.topk(min(t.k, logits.shape[1]), dim=1).indices
         if t.mode == "index":
@@ -116,12 +119,16 @@ class Explainer:
             return torch.full((b, 1), t.index, dtype=torch.long, device=logits.device)
         return logits.argmax(1, keepdim=True)
 
-    def __call__(self, x: Tensor, seeds: Tensor | None = None, targets: Tensor | None = None) -> BatchResult:
+    def __call__(self, x: Tensor, seeds: Tensor | None = None,
+                 targets: Tensor | Callable[[Tensor], Tensor] | None = None) -> BatchResult:
         """Every method's raw maps for the batch ``x``. ``targets``: the classes to explain, (B,)
-        or (B, K) for K target ranks; None: as the Explainer's target says (the prediction,
+        or (B, K) for K target ranks, or a function of the logits (B, N) giving them (e.g. the
+        prediction beside a known class); None: as the Explainer's target says (the prediction,
         a fixed class or the top-k)."""
         cap = forward(self.model, self.runner.prepare(x), self.layer if self.need_layer else None,
                       frozenset(self.grad_of), self.runner.autocast)
+        if callable(targets):
+            targets = targets(cap.logits.detach())
         if targets is None:
             targets = self.targets_for(cap.logits)
         elif targets.dim() == 1:
@@ -174,6 +181,7 @@ class Setup:
     metrics: list[tuple[MetricSpec, Any]]
     runner: Runner
     ground_truth: GroundTruth | None = None  # for the localization metrics
+    image_targets: ImageTargets | None = None  # target: a file or folder of per-image classes
 
     @property
     def warnings(self) -> list[str]:
@@ -205,6 +213,8 @@ def resolve_target(target: TargetConfig, labels: list[str] | None, n_classes: in
         assert target.index is not None
         if target.index >= n_classes:
             raise ConfigError(f"target: class index {target.index} out of range (the model has {n_classes} classes)")
+    if target.per_image:
+        return target  # each image's class is checked against the model by targets.load_image_targets
     if target.mode == "topk" and target.k > n_classes:
         raise ConfigError(f"target: top{target.k} but the model has only {n_classes} classes")
     return target
@@ -251,6 +261,7 @@ def setup(cfg: Config | Plan, device: torch.device | None = None) -> Setup:
             "give a labels file with one name per output",
         )
     target = resolve_target(cfg.target, loaded.labels, n_classes)
+    image_targets = load_image_targets(target, loaded.labels, n_classes)
     runner = Runner(
         model=model,
         budget=cfg.runtime.batch_size,
@@ -259,7 +270,7 @@ def setup(cfg: Config | Plan, device: torch.device | None = None) -> Setup:
         precision=cfg.runtime.precision,
     )
     st = Setup(cfg, device, loaded, model, layer, layer_shape, n_classes, target, methods, metrics, runner,
-               ground_truth)
+               ground_truth, image_targets)
     _dry_run(st)
     return st
 

@@ -39,11 +39,17 @@ class Prediction(TypedDict):
     prob: float
 
 
-class Target(TypedDict):
+class _TargetFields(TypedDict):
     index: int
     label: str
     prob: float
     rank: int  # 1 = the prediction
+
+
+class Target(_TargetFields, total=False):
+    # Per-image targets only (target: a file, folder, or predicted beside one): which source gave
+    # the class: "predicted", "file" or "folder".
+    source: str
 
 
 class MapStats(TypedDict):

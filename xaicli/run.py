@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import records
-from .config import Config
+from .config import Config, TargetConfig
 from .data import ImageEntry, ImageFolder, ListedImages, LoadedBatch, collate, list_images, worker_init
 from .engine import BatchResult, MethodResult, Setup, select_device, setup, signed_mode
 from .errors import EXIT_OK, EXIT_PARTIAL, ConfigError, InputError, MethodError
@@ -128,6 +128,7 @@ class RunContext:
     writer: Writer
     palette: Palette
     explainer: Any  # engine.Explainer
+    targets: dict[str, int] | None = None  # per-image targets (file or folder): image rel path -> class
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,6 +210,7 @@ def _run(req: RunRequest, plan: Plan, layout: Layout, listed: ListedImages, prog
     entries = layout.select(listed.entries)
     done = layout.done() if req.resume else {}
     todo = [e for e in entries if e.rel not in done]
+    targets, no_target = _image_targets(st, todo)
     tally = _Tally()
     scores = ScoresFile(layout.scores_path)
     threads = max(2, min(8, (os.cpu_count() or 2)))
@@ -216,12 +218,12 @@ def _run(req: RunRequest, plan: Plan, layout: Layout, listed: ListedImages, prog
     o = cfg.output
     ctx = RunContext(st, req.out, records.output_names([e.rel for e in listed.entries]), writer,
                      Palette.of(o.colormap, o.diverging_colormap, o.alpha, st.device),
-                     st.explainer(keep_batches=bool(st.metrics)))
+                     st.explainer(keep_batches=bool(st.metrics)), targets)
     if st.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(st.device)
     clock.t_run = time.perf_counter()
     try:
-        _explain_images(ctx, todo, progress)
+        _explain_images(ctx, todo, progress, no_target)
     finally:
         writer.close()
         scores.close()
@@ -319,12 +321,35 @@ def _loader(todo: list[ImageEntry], st: Setup) -> torch.utils.data.DataLoader[Lo
     )
 
 
-def _explain_images(ctx: RunContext, todo: list[ImageEntry], progress: ProgressHook) -> None:
+def _image_targets(st: Setup, todo: list[ImageEntry]) -> tuple[dict[str, int] | None, dict[str, str]]:
+    """Per-image targets (target: a file or folder): image -> class for the images that have one,
+    and image -> why not for the others (they get error records and are not loaded)."""
+    if st.image_targets is None:
+        return None, {}
+    found: dict[str, int] = {}
+    missing: dict[str, str] = {}
+    for e in todo:
+        t = st.image_targets.resolve(e.rel, e.path)
+        if isinstance(t, int):
+            found[e.rel] = t
+        else:
+            missing[e.rel] = t
+    return found, missing
+
+
+def _explain_images(ctx: RunContext, todo: list[ImageEntry], progress: ProgressHook,
+                    no_target: dict[str, str] | None = None) -> None:
     """Every image of ``todo``, batch by batch; a batch that runs out of device memory is split
-    in halves (and the run keeps the smaller size)."""
+    in halves (and the run keeps the smaller size). Images in ``no_target`` (rel -> why) get an
+    error record and are not loaded."""
     cfg = ctx.st.cfg
-    loader = _loader(todo, ctx.st)
     progress.start(len(todo), f"{'+'.join(cfg.method)} on {len(todo)} images")
+    if no_target:
+        for rel, why in no_target.items():
+            ctx.writer.submit(records.error_record(rel, "target", why), [])
+        progress.advance(len(no_target))
+        todo = [e for e in todo if e.rel not in no_target]
+    loader = _loader(todo, ctx.st)
     chunk = cfg.runtime.batch_size  # lowered for the rest of the run after an out-of-memory split
     for batch in loader:
         for err in batch.errors:
@@ -354,12 +379,43 @@ def _explain_batch(ctx: RunContext, batch: LoadedBatch) -> None:
     assert batch.x is not None
     x = batch.x.to(st.device, non_blocking=True)
     seeds = torch.tensor([stable_seed(st.cfg.runtime.seed, r) for r in batch.rels], dtype=torch.long)
-    res = ctx.explainer(x, seeds)
+    res = ctx.explainer(x, seeds, targets=_batch_targets(ctx, batch.rels))
     out = _BatchOutputs(ctx, batch, res)
     for mres in res.methods:
         for j in range(len(mres.maps)):
             out.add(mres, j)
     out.submit()
+
+
+def _batch_targets(ctx: RunContext, rels: list[str]) -> Tensor | Callable[[Tensor], Tensor] | None:
+    """The classes to explain for per-image targets: (B,), or with ``also_predicted`` a function
+    of the logits giving (B, 2): the prediction, then the image's own class. None: the Explainer's
+    own rule (prediction, fixed class, top-k)."""
+    if ctx.targets is None:
+        return None
+    known = torch.tensor([ctx.targets[r] for r in rels], dtype=torch.long, device=ctx.st.device)
+    if not ctx.st.target.also_predicted:
+        return known
+    return lambda logits: torch.stack([logits.argmax(1), known], 1)
+
+
+def target_source(target: TargetConfig, j: int) -> str | None:
+    """Which source gave target rank ``j`` (scores.jsonl ``target.source``): ``predicted``,
+    ``file`` or ``folder``; None for the run-wide rules (prediction, fixed class, top-k), whose
+    records stay as they were."""
+    if not target.per_image:
+        return None
+    return "predicted" if target.also_predicted and j == 0 else target.mode
+
+
+def target_suffix(target: TargetConfig, j: int) -> str:
+    """The file-name suffix of target rank ``j``: ``.top2`` for top-k, ``.predicted`` / ``.true``
+    for the prediction beside a per-image class, none otherwise."""
+    if target.mode == "topk":
+        return f".top{j + 1}"
+    if target.also_predicted:
+        return ".predicted" if j == 0 else ".true"
+    return ""
 
 
 @dataclass
@@ -421,7 +477,8 @@ class _BatchOutputs:
         norm = normalize(raw, mode)
         metric_vals = self._metrics(self.res.batches[j], raw, mode) if st.metrics else {}
         extras = {k: v.detach().float().cpu() for k, v in mres.extras[j].items()}
-        suffix = f".{spec.name}" + (f".top{j + 1}" if st.target.mode == "topk" else "")
+        suffix = f".{spec.name}" + target_suffix(st.target, j)
+        source = target_source(st.target, j)
         boxes = metric_vals.get("boxes") if any(getattr(mp, "draw", False) for _, mp in st.metrics) else None
         overlays, peaks = compose(self.images, norm, self.windows, self.ctx.palette, signed=mode == "diverging",
                                   boxes=boxes, overlays=o.overlays)
@@ -445,6 +502,8 @@ class _BatchOutputs:
             if metric_vals:
                 values["metrics"] = {k: records.json_ready(v[i].tolist()) for k, v in metric_vals.items()}
             target = self.preds.target(i, j, st.loaded.label)
+            if source is not None:
+                target["source"] = source
             self.entries[i].append(records.explanation_entry(spec.name, layer, target, map_stats, files, values))
 
     def _metrics(self, mb: Batch, raw: Tensor, mode: str | None) -> dict[str, Tensor]:
