@@ -94,7 +94,9 @@ class Explainer:
         runner: Runner,
         keep_batches: bool = False,
         pixels: PixelSpace | None = None,
+        on_method: Callable[[str], None] | None = None,
     ) -> None:
+        self.on_method = on_method  # told each method's name as it starts on a batch (progress)
         self.model = model
         self.pixels = pixels or PixelSpace()
         self.methods = methods
@@ -147,6 +149,8 @@ class Explainer:
                     pixels=self.pixels,
                 )
                 for res in results:
+                    if self.on_method is not None:
+                        self.on_method(res.spec.name)
                     self._dispatch(res, batch)
                 if self.keep_batches:
                     kept.append(batch)
@@ -189,10 +193,17 @@ class Setup:
         ``null``, class names or preprocessing that had to be assumed (printed at the start of a run)."""
         return [*self.cfg.warnings, *self.loaded.notes]
 
-    def explainer(self, keep_batches: bool = False) -> Explainer:
+    def explainer(self, keep_batches: bool = False, on_method: Callable[[str], None] | None = None) -> Explainer:
         pre = self.loaded.preprocess
         return Explainer(self.model, self.methods, self.layer, self.target, self.runner, keep_batches,
-                         pixels=PixelSpace(tuple(pre.mean), tuple(pre.std)))
+                         pixels=PixelSpace(tuple(pre.mean), tuple(pre.std)), on_method=on_method)
+
+    @property
+    def target_ranks(self) -> int:
+        """Maps per image and method: k for top-k targets, 2 for the prediction beside a per-image class."""
+        if self.target.mode == "topk":
+            return min(self.target.k, self.n_classes)
+        return 2 if self.target.also_predicted else 1
 
 
 def resolve_target(target: TargetConfig, labels: list[str] | None, n_classes: int) -> TargetConfig:

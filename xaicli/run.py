@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -57,6 +58,12 @@ class RunRequest:
 
 
 class ProgressHook(Protocol):
+    """What a run tells its display (xaicli/progress.py). Besides these, the run calls the
+    following when the object has them, for progress inside a batch: ``plan(steps, ranks)`` once
+    (method, runner passes per image and target or None, exact?), ``batch(size)`` as a batch
+    starts, ``method(name)`` as a method starts on it, ``passes(n)`` after each chunk of inputs
+    the engine's Runner sends through the model."""
+
     def warn(self, message: str) -> None: ...
     def start(self, total: int, description: str) -> None: ...
     def advance(self, n: int) -> None: ...
@@ -75,6 +82,30 @@ class _NoProgress:
 
     def finish(self) -> None:
         pass
+
+
+def _hook(progress: Any, name: str) -> Callable[..., None]:
+    """An optional hook of ``progress`` (see ProgressHook), or one that does nothing."""
+    fn = getattr(progress, name, None)
+    return fn if callable(fn) else (lambda *args: None)
+
+
+_QUOTED = re.compile(r"^(\d+) \((\d+)[×x](\d+) input\)$")
+
+
+def _passes_per_image(spec: Any, params: Any, channels: int | None, size: tuple[int, int]) -> tuple[int | None, bool]:
+    """Passes a method sends through the Runner per image and target (its forwards less the shared
+    one), and whether that is exact. A count the registry quotes for another input size (occlusion's
+    windows) is scaled by the input's area, an estimate the display replaces by what the first
+    batch took."""
+    forwards = spec.cost(params, channels)[0]
+    if isinstance(forwards, int):
+        return max(0, forwards - 1), True
+    m = _QUOTED.match(str(forwards))
+    if m is None:
+        return None, False
+    n, qh, qw = (int(g) for g in m.groups())
+    return max(0, round((n - 1) * size[0] * size[1] / (qh * qw))), False
 
 
 @dataclass
@@ -218,7 +249,8 @@ def _run(req: RunRequest, plan: Plan, layout: Layout, listed: ListedImages, prog
     o = cfg.output
     ctx = RunContext(st, req.out, records.output_names([e.rel for e in listed.entries]), writer,
                      Palette.of(o.colormap, o.diverging_colormap, o.alpha, st.device),
-                     st.explainer(keep_batches=bool(st.metrics)), targets)
+                     st.explainer(keep_batches=bool(st.metrics), on_method=_hook(progress, "method")), targets)
+    st.runner.on_pass = _hook(progress, "passes")
     if st.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(st.device)
     clock.t_run = time.perf_counter()
@@ -342,19 +374,25 @@ def _explain_images(ctx: RunContext, todo: list[ImageEntry], progress: ProgressH
     """Every image of ``todo``, batch by batch; a batch that runs out of device memory is split
     in halves (and the run keeps the smaller size). Images in ``no_target`` (rel -> why) get an
     error record and are not loaded."""
-    cfg = ctx.st.cfg
-    progress.start(len(todo), f"{'+'.join(cfg.method)} on {len(todo)} images")
+    st = ctx.st
+    progress.start(len(todo), f"{'+'.join(st.cfg.method)} on {len(todo)} images")
+    channels = st.layer_shape[0] if st.layer_shape else None
+    size = st.loaded.preprocess.input_size
+    _hook(progress, "plan")([(s.name, *_passes_per_image(s, p, channels, size)) for s, p in st.methods],
+                            st.target_ranks)
+    new_batch = _hook(progress, "batch")
     if no_target:
         for rel, why in no_target.items():
             ctx.writer.submit(records.error_record(rel, "target", why), [])
         progress.advance(len(no_target))
         todo = [e for e in todo if e.rel not in no_target]
-    loader = _loader(todo, ctx.st)
-    chunk = cfg.runtime.batch_size  # lowered for the rest of the run after an out-of-memory split
+    loader = _loader(todo, st)
+    chunk = st.cfg.runtime.batch_size  # lowered for the rest of the run after an out-of-memory split
     for batch in loader:
         for err in batch.errors:
             ctx.writer.submit(records.error_record(err.rel, err.kind, err.message), [])
         if batch.size:
+            new_batch(batch.size)
             chunk = split_on_oom(partial(_explain_slice, ctx, batch), batch.size, chunk)
         progress.advance(len(batch.errors) + batch.size)
 

@@ -384,7 +384,8 @@ def run_sanity(
     seeds = torch.tensor([stable_seed(cfg.runtime.seed, p) for p in paths], dtype=torch.long)
     n_steps = len(group_blocks(randomization_blocks(st.model, st.loaded.preprocess.input_size, st.device), steps))
     if progress is not None:
-        progress.start(len(ok) * (n_steps + 2), f"sanity: {'+'.join(cfg.method)}, {n_steps} steps, {len(ok)} images")
+        progress.start(len(ok) * (n_steps + 2), f"sanity: {'+'.join(cfg.method)}, {n_steps} steps, {len(ok)} images",
+                       unit="image-steps")
     try:
         res = cascade(st.model, x, st.methods, st.layer, targets=targets, steps=steps, seed=cfg.runtime.seed,
                       runner=st.runner, seeds=seeds, progress=progress.advance if progress is not None else None)
