@@ -2,12 +2,16 @@
 
 Only this module reads YAML. Everything downstream gets a validated :class:`Config`. The
 dataclass defaults *are* the embedded default (EfficientNet-Lite0 on ImageNet, shipped on PyPI),
-which ``configs/default.yaml`` spells out; a test keeps the two equal.
+which ``configs/default.yaml`` spells out; a test keeps the two equal. The shipped configs are
+package data (``xaicli/configs/``, the same files as the repository's ``configs/``; a test keeps
+them equal) and ``--config NAME`` names one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import os
 import re
 import types
 import typing
@@ -505,13 +509,40 @@ def _validate_metrics(value: Any) -> dict[str, Any]:
     return out
 
 
+SHIPPED_CONFIGS = Path(__file__).parent / "configs"  # package data; the repository's configs/ holds the same files
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped with the package (``resnet50`` for configs/resnet50.yaml)."""
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def _config_file(path: str | Path) -> Path:
+    """A YAML file, or the shipped config of that name (``resnet50``, ``resnet50.yaml``) when no
+    such file exists here; errors list the shipped names."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    text = str(path)
+    names = shipped_configs()
+    if "/" not in text and os.sep not in text:
+        name = text.removesuffix(".yaml").removesuffix(".yml")
+        if name in names:
+            return SHIPPED_CONFIGS / f"{name}.yaml"
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+        raise ConfigError(f"config not found: {text!r} is neither a file nor a shipped config",
+                          f"{hint}shipped configs: {', '.join(names)}; or pass a YAML file")
+    raise ConfigError(f"config file not found: {p}",
+                      f"pass an existing YAML file to --config, or a shipped config: {', '.join(names)}")
+
+
 def load_config(path: str | Path | None) -> Config:
-    """Load and validate a YAML config; ``None`` gives the embedded default."""
+    """Load and validate a YAML config (a file, or the name of a shipped config); ``None`` gives
+    the embedded default."""
     if path is None:
         return Config()
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}", "pass an existing YAML file to --config")
+    p = _config_file(path)
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
