@@ -95,7 +95,8 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
 
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="YAML config; the embedded default (EfficientNet-Lite0, ImageNet) if omitted."),
+    typer.Option("--config", "-c", help="YAML config file, or a shipped config by name (resnet50, vgg16, densenet121, "
+                 "mobilenet_v3_large, convnext_tiny); the embedded default (EfficientNet-Lite0, ImageNet) if omitted."),
 ]
 
 
