@@ -321,7 +321,9 @@ def console_progress(console: Any, quiet: bool = False) -> _Hooks:
     """The progress display for ``console`` (stderr): a live line at a terminal, log lines elsewhere."""
 
     def warn(message: str) -> None:
-        console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        console.print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
     if console.is_terminal:
         return TerminalProgress(console, quiet, warn)

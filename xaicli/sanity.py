@@ -366,6 +366,8 @@ def run_sanity(
     if not entries:
         raise InputError(f"no images in {input_path}" + (" match the selection" if select else ""))
     st = setup(cfg)
+    for message in st.warnings if hasattr(progress, "warn") else ():
+        progress.warn(message)  # random weights, assumed class names or preprocessing
     data = ImageFolder(entries, st.loaded.preprocess)
     items = [data[i] for i in range(len(data))]
     ok = [it for it in items if it["ok"]]
