@@ -417,7 +417,8 @@ def _explain_batch(ctx: RunContext, batch: LoadedBatch) -> None:
     assert batch.x is not None
     x = batch.x.to(st.device, non_blocking=True)
     seeds = torch.tensor([stable_seed(st.cfg.runtime.seed, r) for r in batch.rels], dtype=torch.long)
-    res = ctx.explainer(x, seeds, targets=_batch_targets(ctx, batch.rels))
+    targets = _batch_targets(ctx, batch.rels)
+    res = ctx.explainer(x, seeds) if targets is None else ctx.explainer(x, seeds, targets=targets)
     out = _BatchOutputs(ctx, batch, res)
     for mres in res.methods:
         for j in range(len(mres.maps)):
