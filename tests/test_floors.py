@@ -10,7 +10,7 @@ from tests.conftest import ROOT
 
 FLOORS = [
     {"errors", "outputs", "render", "ops", "config", "records", "__init__", "__version__"},
-    {"preprocess", "models", "data", "layers", "capture"},
+    {"preprocess", "models", "data", "layers", "capture", "targets", "progress"},
     {"registry", "methods", "metrics"},
     {"plan"},
     {"engine"},

@@ -267,7 +267,8 @@ def test_cli_sanity_table_json_and_exit_codes(tiny_config, image_dir: Path, tmp_
     res = runner.invoke(app, ["sanity", str(image_dir), "-c", str(cfg), "--steps", "1", "--max-spearman", "-1",
                               "--max-images", "2", "--json"])
     assert res.exit_code == 1, res.output
-    rep = json.loads(res.output)
+    rep = json.loads(res.stdout)  # warnings (no class names for this model) go to stderr
     assert rep["failed_methods"] == ["gradcam"] and len(rep["images"]) == 2
+    assert "warning: the model has no class names" in res.stderr
     res = runner.invoke(app, ["sanity", str(image_dir), "-c", str(cfg), "--max-images", "0"])
     assert res.exit_code == 2

@@ -26,6 +26,7 @@ from .metrics.ground_truth import GroundTruth, load_ground_truth
 from .models import LoadedModel, build_model
 from .plan import Plan, prepare, resolve_plan
 from .render import reduce_channels
+from .targets import ImageTargets, load_image_targets
 
 # --------------------------------------------------------------------------------------------
 # Device and precision
@@ -86,7 +87,9 @@ class Explainer:
         runner: Runner,
         keep_batches: bool = False,
         pixels: PixelSpace | None = None,
+        on_method: Callable[[str], None] | None = None,
     ) -> None:
+        self.on_method = on_method  # told each method's name as it starts on a batch (progress)
         self.model = model
         self.pixels = pixels or PixelSpace()
         self.methods = methods
@@ -103,6 +106,8 @@ class Explainer:
     def targets_for(self, logits: Tensor) -> Tensor:
         t = self.target
         b = logits.shape[0]
+        if t.per_image:
+            raise ConfigError(f"target: {t.describe()} gives a class per image file; pass the classes as targets=")
         if t.mode == "topk":
             return logits.topk(min(t.k, logits.shape[1]), dim=1).indices
         if t.mode == "index":
@@ -110,12 +115,16 @@ class Explainer:
             return torch.full((b, 1), t.index, dtype=torch.long, device=logits.device)
         return logits.argmax(1, keepdim=True)
 
-    def __call__(self, x: Tensor, seeds: Tensor | None = None, targets: Tensor | None = None) -> BatchResult:
+    def __call__(self, x: Tensor, seeds: Tensor | None = None,
+                 targets: Tensor | Callable[[Tensor], Tensor] | None = None) -> BatchResult:
         """Every method's raw maps for the batch ``x``. ``targets``: the classes to explain, (B,)
-        or (B, K) for K target ranks; None: as the Explainer's target says (the prediction,
+        or (B, K) for K target ranks, or a function of the logits (B, N) giving them (e.g. the
+        prediction beside a known class); None: as the Explainer's target says (the prediction,
         a fixed class or the top-k)."""
         cap = forward(self.model, self.runner.prepare(x), self.layer if self.need_layer else None,
                       frozenset(self.grad_of), self.runner.autocast)
+        if callable(targets):
+            targets = targets(cap.logits.detach())
         if targets is None:
             targets = self.targets_for(cap.logits)
         elif targets.dim() == 1:
@@ -134,6 +143,8 @@ class Explainer:
                     pixels=self.pixels, checks=self.checks,
                 )
                 for res in results:
+                    if self.on_method is not None:
+                        self.on_method(res.spec.name)
                     self._dispatch(res, batch)
                 if self.keep_batches:
                     kept.append(batch)
@@ -168,15 +179,29 @@ class Setup:
     metrics: list[tuple[MetricSpec, Any]]
     runner: Runner
     ground_truth: GroundTruth | None = None  # for the localization metrics
+    image_targets: ImageTargets | None = None  # target: a file or folder of per-image classes
 
-    def explainer(self, keep_batches: bool = False) -> Explainer:
+    @property
+    def warnings(self) -> list[str]:
+        """What the user should know before trusting the maps: random weights asked for with
+        ``null``, class names or preprocessing that had to be assumed (printed at the start of a run)."""
+        return [*self.cfg.warnings, *self.loaded.notes]
+
+    def explainer(self, keep_batches: bool = False, on_method: Callable[[str], None] | None = None) -> Explainer:
         """The Explainer of the run. Setup's dry run did the methods' host-side checks once, so
         batches skip them (no sync per batch for them on a GPU)."""
         pre = self.loaded.preprocess
         explainer = Explainer(self.model, self.methods, self.layer, self.target, self.runner, keep_batches,
-                              pixels=PixelSpace(tuple(pre.mean), tuple(pre.std)))
+                              pixels=PixelSpace(tuple(pre.mean), tuple(pre.std)), on_method=on_method)
         explainer.checks = False
         return explainer
+
+    @property
+    def target_ranks(self) -> int:
+        """Maps per image and method: k for top-k targets, 2 for the prediction beside a per-image class."""
+        if self.target.mode == "topk":
+            return min(self.target.k, self.n_classes)
+        return 2 if self.target.also_predicted else 1
 
 
 def resolve_target(target: TargetConfig, labels: list[str] | None, n_classes: int) -> TargetConfig:
@@ -197,6 +222,8 @@ def resolve_target(target: TargetConfig, labels: list[str] | None, n_classes: in
         assert target.index is not None
         if target.index >= n_classes:
             raise ConfigError(f"target: class index {target.index} out of range (the model has {n_classes} classes)")
+    if target.per_image:
+        return target  # each image's class is checked against the model by targets.load_image_targets
     if target.mode == "topk" and target.k > n_classes:
         raise ConfigError(f"target: top{target.k} but the model has only {n_classes} classes")
     return target
@@ -243,6 +270,7 @@ def setup(cfg: Config | Plan, device: torch.device | None = None) -> Setup:
             "give a labels file with one name per output",
         )
     target = resolve_target(cfg.target, loaded.labels, n_classes)
+    image_targets = load_image_targets(target, loaded.labels, n_classes)
     runner = Runner(
         model=model,
         budget=cfg.runtime.batch_size,
@@ -251,7 +279,7 @@ def setup(cfg: Config | Plan, device: torch.device | None = None) -> Setup:
         precision=cfg.runtime.precision,
     )
     st = Setup(cfg, device, loaded, model, layer, layer_shape, n_classes, target, methods, metrics, runner,
-               ground_truth)
+               ground_truth, image_targets)
     _dry_run(st)
     return st
 

@@ -321,6 +321,23 @@ def verdict_lines(rep: dict[str, Any]) -> list[str]:
     return out
 
 
+def _own_classes(image_targets: Any, entries: list[Any], ok: list[dict[str, Any]],
+                 failed: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Tensor]:
+    """The images that have a per-image class, and those classes (N,); the others join ``failed``."""
+    where = {e.rel: e.path for e in entries}
+    keep, classes = [], []
+    for it in ok:
+        t = image_targets.resolve(it["rel"], where[it["rel"]])
+        if isinstance(t, int):
+            keep.append(it)
+            classes.append(t)
+        else:
+            failed.append({"path": it["rel"], "error": {"type": "target", "message": t}})
+    if not keep:
+        raise InputError(f"none of the {len(ok)} images has a target", f"first: {failed[-1]['error']['message']}")
+    return keep, torch.tensor(classes, dtype=torch.long)
+
+
 @dataclass
 class SanityRun:
     result: CascadeResult
@@ -351,6 +368,8 @@ def run_sanity(
     if not entries:
         raise InputError(f"no images in {input_path}" + (" match the selection" if select else ""))
     st = setup(cfg)
+    for message in st.warnings if hasattr(progress, "warn") else ():
+        progress.warn(message)  # random weights, assumed class names or preprocessing
     data = ImageFolder(entries, st.loaded.preprocess)
     items = [data[i] for i in range(len(data))]
     ok = [it for it in items if it["ok"]]
@@ -358,16 +377,19 @@ def run_sanity(
     if not ok:
         raise InputError(f"none of the {len(items)} images under {input_path} could be read",
                          f"first error: {failed[0]['error']['message']}")
-    x = torch.stack([it["x"] for it in ok])
-    paths = [it["rel"] for it in ok]
-    seeds = torch.tensor([stable_seed(cfg.runtime.seed, p) for p in paths], dtype=torch.long)
     targets = None
     if st.target.mode == "index":
         assert st.target.index is not None
         targets = torch.full((len(ok),), st.target.index, dtype=torch.long)
+    elif st.image_targets is not None:  # a file or folder: each image's own class (not also the prediction)
+        ok, targets = _own_classes(st.image_targets, entries, ok, failed)
+    x = torch.stack([it["x"] for it in ok])
+    paths = [it["rel"] for it in ok]
+    seeds = torch.tensor([stable_seed(cfg.runtime.seed, p) for p in paths], dtype=torch.long)
     n_steps = len(group_blocks(randomization_blocks(st.model, st.loaded.preprocess.input_size, st.device), steps))
     if progress is not None:
-        progress.start(len(ok) * (n_steps + 2), f"sanity: {'+'.join(cfg.method)}, {n_steps} steps, {len(ok)} images")
+        progress.start(len(ok) * (n_steps + 2), f"sanity: {'+'.join(cfg.method)}, {n_steps} steps, {len(ok)} images",
+                       unit="image-steps")
     try:
         res = cascade(st.model, x, st.methods, st.layer, targets=targets, steps=steps, seed=cfg.runtime.seed,
                       runner=st.runner, seeds=seeds, progress=progress.advance if progress is not None else None)

@@ -76,6 +76,13 @@ class Runner:
     autocast: Callable[[], AbstractContextManager[object]] = nullcontext
     memory_format: torch.memory_format = torch.contiguous_format
     precision: str = "fp32"
+    # Told the number of inputs after each chunk that went through the model (the run's progress
+    # display counts passes inside a batch with it); never told of a chunk that failed.
+    on_pass: Callable[[int], None] | None = None
+
+    def _passed(self, n: int) -> None:
+        if self.on_pass is not None:
+            self.on_pass(n)
 
     def prepare(self, x: Tensor) -> Tensor:
         return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
@@ -85,7 +92,9 @@ class Runner:
 
         def one(sl: slice) -> Tensor:
             with torch.inference_mode(), self.autocast():
-                return self.model(self.prepare(x[sl])).float()
+                out = self.model(self.prepare(x[sl])).float()
+            self._passed(sl.stop - sl.start)
+            return out
 
         return run_chunked(one, x.shape[0], self.budget)
 
@@ -95,6 +104,7 @@ class Runner:
         def one(sl: slice) -> Tensor:
             with torch.inference_mode(), self.autocast():
                 out = self.model(self.prepare(x[sl])).float()
+            self._passed(sl.stop - sl.start)
             return out.gather(1, targets[sl, None]).squeeze(1)
 
         return run_chunked(one, x.shape[0], self.budget)
@@ -113,6 +123,7 @@ class Runner:
                 xs = build(idx)
                 with self.autocast():
                     out = self.model(self.prepare(xs)).float()
+            self._passed(sl.stop - sl.start)
             return (out.softmax(1) if prob else out).gather(1, targets[idx, None]).squeeze(1)
 
         return run_chunked(one, n, self.budget)
@@ -128,6 +139,7 @@ class Runner:
             score = out.gather(1, targets[sl, None]).squeeze(1)
             (g,) = torch.autograd.grad(score.sum(), xi)
             grads.append(g.float())
+            self._passed(sl.stop - sl.start)
             return score.detach()
 
         # run_chunked retries a slice on OOM; drop a partial result of the failed try.
