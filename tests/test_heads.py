@@ -26,7 +26,7 @@ from xaicli.heads import (
 )
 from xaicli.layers import resolve_layer
 from xaicli.methods import get_method
-from xaicli.methods.base import Runner
+from xaicli.methods.batch import Runner
 
 
 def acol_model(seed: int = 0, delta: float = 0.6) -> Localizer:
@@ -105,6 +105,18 @@ def test_fused_cam_is_the_papers_map(x):
     # The fused map differs from branch A alone wherever B adds evidence: ACoL is not a no-op here.
     a_only = normalise_maps(torch.einsum("bc,bchw->bhw", model.head.a.fc.weight[t], model.backbone(x)).clamp_min(0))
     assert (ours - a_only.detach()).abs().max() > 0.05
+
+
+def test_fused_cam_without_the_host_checks_reads_each_branch_classifier(x):
+    """The folder run skips the host-side checks after setup's dry run (Explainer.checks): CAM must
+    still read branch A's classifier on the model and branch B's on the complementary batch, not
+    the last linear layer of the right shape (branch B) for both."""
+    model = acol_model()
+    t = torch.tensor([0, 1, 2, 3, 1])
+    ex = explainer(model, "cam", "backbone")
+    ex.checks = False
+    torch.testing.assert_close(ex(x, targets=t).methods[0].maps[0], by_hand(model, x, t), rtol=1e-5, atol=1e-6)
+    assert model.gap_classifier is model.head.a.fc and ComplementaryBranch(model).gap_classifier is model.head.b.fc
 
 
 @pytest.mark.parametrize("method", ["gradcam", "hirescam", "xgradcam"])

@@ -16,7 +16,14 @@ import torch
 from typer.testing import CliRunner
 
 from xaicli.cli import app
-from xaicli.config import HeadConfig, TrainConfig, apply_overrides, config_from_dict, load_config
+from xaicli.config import (
+    RANDOM_WEIGHTS,
+    HeadConfig,
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+)
 from xaicli.errors import ConfigError, InputError, OutputError
 from xaicli.metrics.localization import box_iou
 from xaicli.records import read_run
@@ -363,7 +370,7 @@ def test_shipped_training_configs_build(name):
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "train" / f"{name}.yaml")
     assert cfg.head is not None and cfg.train is not None
-    model_cfg = dataclasses.replace(cfg.model, weights=None)  # no hub access in tests
+    model_cfg = dataclasses.replace(cfg.model, weights=RANDOM_WEIGHTS)  # no hub access in tests
     loaded = build_model(model_cfg, cfg.preprocess)
     assert loaded.preprocess.input_size == (128, 128)
     model = with_head(loaded.module, cfg.head.kind, 3).eval()

@@ -7,7 +7,8 @@ Scenarios (sample_images, the embedded default model, every method with cheap kn
 ``all`` (every method, every metric, ground-truth boxes, raw maps), ``topk`` (top-2 targets, JPEG),
 ``shard`` (the ``all`` run as --shard 0/2 then 1/2, merged by the last part) and ``torchrun`` (two
 processes). ``compare`` checks scores.jsonl byte for byte, every overlay and map byte for byte, and
-run.json with the fields that differ from run to run (times, versions, paths, host) left out.
+run.json with the fields that differ from run to run (times, versions, paths, host) left out; keys
+of run.json that only B has are listed as ADDED and do not count as differences.
 """
 
 from __future__ import annotations
@@ -94,7 +95,10 @@ def _stable(run: dict) -> dict:
 
 
 def compare(a: Path, b: Path) -> int:
+    """Exit 0 when B holds A's outputs. run.json keys that only B has (a change that adds fields)
+    are listed as added, not counted as differences; a key B lacks or changes is a difference."""
     problems = []
+    added: set[str] = set()
     for scenario in ("all", "topk", "shard", "torchrun"):
         fa, fb = _files(a / scenario), _files(b / scenario)
         if sorted(fa) != sorted(fb):
@@ -104,6 +108,8 @@ def compare(a: Path, b: Path) -> int:
         for name in sorted(set(fa) & set(fb)):
             if name == "run.json":
                 ra, rb = _stable(json.loads(fa[name])), _stable(json.loads(fb[name]))
+                added.update(f"{scenario}/run.json: {k}" for k in set(rb) - set(ra))
+                rb = {k: v for k, v in rb.items() if k in ra}  # keys B adds are reported, not differences
                 if ra != rb:
                     keys = sorted(k for k in set(ra) | set(rb) if ra.get(k) != rb.get(k))
                     problems.append(f"{scenario}/run.json differs in {keys}")
@@ -114,6 +120,8 @@ def compare(a: Path, b: Path) -> int:
             else:
                 same += 1
         print(f"{scenario}: {same} of {len(fa)} files identical")
+    for k in sorted(added):
+        print("ADDED", k)
     for p in problems[:40]:
         print("DIFF", p)
     print("identical" if not problems else f"{len(problems)} differences")

@@ -137,6 +137,12 @@ class Localizer(nn.Module):
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Any:
         return self.head(self.backbone(x), labels)
 
+    @property
+    def gap_classifier(self) -> nn.Linear:
+        """The linear layer that gives the model's logits from the features' global average (CAM's
+        weights): the CAM head's, or ACoL's branch A."""
+        return self.head.a.fc if isinstance(self.head, AcolHead) else self.head.fc
+
 
 class ComplementaryBranch(nn.Module):
     """An ACoL model seen through branch B: ``forward(x)`` gives :meth:`AcolHead.complementary_logits`,
@@ -150,6 +156,13 @@ class ComplementaryBranch(nn.Module):
         head = self.model.head
         assert isinstance(head, AcolHead)
         return head.complementary_logits(self.model.backbone(x))
+
+    @property
+    def gap_classifier(self) -> nn.Linear:
+        """Branch B's linear layer (CAM's weights on the complementary batch)."""
+        head = self.model.head
+        assert isinstance(head, AcolHead)
+        return head.b.fc
 
 
 def acol_model(model: nn.Module, layer: LayerRef | None) -> Localizer | None:
@@ -241,10 +254,10 @@ def localizer(backbone: dict[str, Any], num_classes: int, head: str = "cam", del
     """The model factory of the configs `xai train` writes (``model.factory: xaicli.heads:localizer``):
     the backbone's architecture (a ``model:`` mapping; no weights: the checkpoint holds them all)
     with its head."""
-    from .config import ModelConfig, PreprocessConfig, build_dataclass
+    from .config import RANDOM_WEIGHTS, ModelConfig, PreprocessConfig, build_dataclass
     from .models import build_model
 
-    spec = build_dataclass(ModelConfig, {**backbone, "weights": None, "checkpoint": None, "labels": None},
+    spec = build_dataclass(ModelConfig, {**backbone, "weights": RANDOM_WEIGHTS, "checkpoint": None, "labels": None},
                            "model.kwargs.backbone")
     module = build_model(spec, PreprocessConfig(resize=(64, 64))).module
     return with_head(module, head, num_classes, delta)

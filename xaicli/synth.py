@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .errors import ConfigError, ModelError, OutputError, suggest
-from .methods.base import stable_seed
+from .methods.batch import stable_seed
 from .outputs import atomic_write
 
 # Shapes filled with one colour, then ellipses filled with a texture; `--classes N` takes the first

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data import DecodeError, ImageEntry, decode_image, list_images, worker_init
 from ..errors import InputError
-from ..methods.base import stable_seed
+from ..methods.batch import stable_seed
 from ..preprocess import Preprocess
 
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from ..config import Config, HeadConfig, TrainConfig
 from ..engine import autocast_factory, select_device
 from ..heads import with_head
-from ..methods.base import stable_seed
+from ..methods.batch import stable_seed
 from ..models import build_model
 from ..records import versions
 from . import files
