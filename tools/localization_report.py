@@ -8,8 +8,10 @@ For each RUN: `xai explain DIR/val --config RUN/config.yaml` into RUN/val-explai
 every threshold of the box_iou grid (0, 0.05, ..., 0.95); then per method: top-1 accuracy, the box
 IoU at the box_iou default threshold (0.2), MaxBoxAcc (delta 0.5) and MaxBoxAccV2 with their
 threshold, the mean IoU at the threshold that fits best, and the same for a centred box of the
-same size as the method's box there. Baselines that know nothing of the image: a centred box of
-the true box's size, and the one centred box size that fits the whole set best (MaxBoxAcc's rule).
+same size as the method's box there; the pointing game (the map's peak within 15 px of the true
+box) and the energy inside the box. Baselines that know nothing of the image: a centred box of
+the true box's size, the one centred box size that fits the whole set best (MaxBoxAcc's rule),
+and the image centre as the pointing game's point.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def explain(run: Path, data: Path, methods: str) -> Path:
     out = run / "val-explain"
     cfg = apply_overrides(load_config(run / "config.yaml"), method=methods,
                           ground_truth=str(data / "ground_truth" / "val" / "boxes.csv"))
-    cfg = dataclasses.replace(cfg, metrics={"boxes": {"thresholds": GRID}, "box_iou": {"curve_interval": 0.05}})
+    cfg = dataclasses.replace(cfg, metrics={"boxes": {"thresholds": GRID}, "box_iou": {"curve_interval": 0.05},
+                                            "pointing_game": {}, "energy": {}})
     run_explain(cfg, data / "val", out, overwrite=True)
     return out
 
@@ -65,9 +68,18 @@ def method_row(records: list[dict], aggregates: dict, method: str, truth: dict[s
         "box_iou_at_0.2": agg["box_iou"]["mean"],
         "max_box_acc": agg["max_box_acc"]["value"], "max_box_acc_threshold": agg["max_box_acc"]["threshold"],
         "max_box_acc_v2": agg["max_box_acc_v2"]["value"],
+        "pointing": agg["pointing_hit"]["mean"], "energy": agg["energy"]["mean"],
         "best_threshold": GRID[best], "mean_iou_at_best": float(curves[:, best].mean()),
         "centred_same_size_mean_iou": float(np.mean(base)), "centred_same_size_acc": float(np.mean(np.array(base) >= 0.5)),
     }
+
+
+def point_hit(x: float, y: float, box: np.ndarray, tolerance: float = 15.0) -> bool:
+    """The pointing game's rule for one point: within ``tolerance`` px of the (box-shaped) object
+    (the images are explained at their own size, so input and image pixels agree)."""
+    dx = max(box[0] - x, 0.0, x - box[2])
+    dy = max(box[1] - y, 0.0, y - box[3])
+    return bool(np.hypot(dx, dy) <= tolerance)
 
 
 def baselines(records: list[dict], truth: dict[str, np.ndarray]) -> dict:
@@ -79,7 +91,9 @@ def baselines(records: list[dict], truth: dict[str, np.ndarray]) -> dict:
     per_size = np.array([[float(box_iou(centred(f * r["width"], f * r["height"], r["width"], r["height"]),
                                         truth[r["path"]])) for r in records] for f in fractions])
     acc = (per_size >= 0.5).mean(1)
-    return {"centred_true_size": {"mean_iou": float(np.mean(same)), "acc": float(np.mean(np.array(same) >= 0.5))},
+    centre = [point_hit((r["width"] - 1) / 2, (r["height"] - 1) / 2, truth[r["path"]]) for r in records]
+    return {"centre_point": {"pointing": float(np.mean(centre))},
+            "centred_true_size": {"mean_iou": float(np.mean(same)), "acc": float(np.mean(np.array(same) >= 0.5))},
             "centred_best_single_size": {"max_box_acc": float(acc.max()), "side": float(fractions[int(acc.argmax())]),
                                          "mean_iou": float(per_size[int(acc.argmax())].mean())}}
 
