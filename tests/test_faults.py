@@ -134,31 +134,32 @@ def test_a_full_disk_through_the_cli(folder: Path, tmp_path: Path, tiny_config, 
 
 @pytest.fixture
 def tmpfs(tmp_path: Path):
-    """A real 2 MiB file system (needs root and mount rights: skipped elsewhere)."""
+    """A real 1 MiB file system (needs root and mount rights: skipped elsewhere)."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
     if r.returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-def test_a_really_full_disk_loses_nothing(folder: Path, tmp_path: Path, tiny_config, tmpfs: Path) -> None:
-    big = tmp_path / "big"
-    write_images(big, n=24, sizes=[(120, 160)])  # overlays of ~30 KiB each
+def test_a_really_full_disk_loses_nothing(tmp_path: Path, tiny_config, tmpfs: Path) -> None:
+    images = tmp_path / "many"
+    write_images(images, n=80, sizes=[(24, 32)])
     filler = tmpfs / "filler"
-    filler.write_bytes(b"\0" * (1850 * 1024))  # leaves ~200 KiB: a few overlays, then no space
+    with open(filler, "wb") as f:
+        f.write(b"\0" * (2**20 - 3 * 4096))  # three pages left: a few files, then not even a line
     out = tmpfs / "out"
     cfg = tiny_config()
-    r = xai("explain", big, "-c", cfg, "-o", out)
-    assert r.exit_code in (1, 3) and "internal error" not in r.output, r.output
+    r = xai("explain", images, "-c", cfg, "-o", out)
+    assert r.exit_code == 3 and "no space left" in r.output and "internal error" not in r.output, r.output
     recs = lines(out / SCORES) if (out / SCORES).exists() else []
-    assert all(r["status"] == "ok" or r["error"]["type"] == "write" for r in recs)
+    assert all(r["status"] == "ok" or r["error"]["type"] == "write" for r in recs)  # whole lines only
     filler.unlink()  # space is back
-    r = xai("explain", big, "-c", cfg, "-o", out, "--resume")
+    r = xai("explain", images, "-c", cfg, "-o", out, "--resume")
     assert r.exit_code == 0, r.output
-    assert sorted(r["path"] for r in lines(out / SCORES)) == sorted(p.name for p in big.iterdir())
+    assert sorted(r["path"] for r in lines(out / SCORES)) == sorted(p.name for p in images.iterdir())
     assert_counts_match_scores(out)
 
 
