@@ -7,7 +7,8 @@ Scenarios (sample_images, the embedded default model, every method with cheap kn
 ``all`` (every method, every metric, ground-truth boxes, raw maps), ``topk`` (top-2 targets, JPEG),
 ``shard`` (the ``all`` run as --shard 0/2 then 1/2, merged by the last part) and ``torchrun`` (two
 processes). ``compare`` checks scores.jsonl byte for byte, every overlay and map byte for byte, and
-run.json with the fields that differ from run to run (times, versions, paths, host) left out.
+run.json with the fields that differ from run to run (times, versions, paths, host) left out; keys
+only B's run.json has (fields added by a later version) are listed apart and are not differences.
 """
 
 from __future__ import annotations
@@ -93,8 +94,26 @@ def _stable(run: dict) -> dict:
     return {k: v for k, v in run.items() if k not in VOLATILE}
 
 
+def _run_json_diff(a: object, b: object, path: str = "") -> tuple[list[str], list[str]]:
+    """(keys whose values differ, keys only B has) between two run.json values. Keys B adds (new
+    fields of a later version) are reported apart: run.json may gain keys, never change one."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return ([path or "."] if a != b else []), []
+    differ: list[str] = []
+    added = [f"{path}{k}" for k in b if k not in a]
+    for k in a:
+        if k not in b:
+            differ.append(f"{path}{k} (missing in B)")
+            continue
+        d, ad = _run_json_diff(a[k], b[k], f"{path}{k}.")
+        differ += [x.rstrip(".") for x in d]
+        added += ad
+    return differ, added
+
+
 def compare(a: Path, b: Path) -> int:
     problems = []
+    added: set[str] = set()
     for scenario in ("all", "topk", "shard", "torchrun"):
         fa, fb = _files(a / scenario), _files(b / scenario)
         if sorted(fa) != sorted(fb):
@@ -103,10 +122,10 @@ def compare(a: Path, b: Path) -> int:
         same = 0
         for name in sorted(set(fa) & set(fb)):
             if name == "run.json":
-                ra, rb = _stable(json.loads(fa[name])), _stable(json.loads(fb[name]))
-                if ra != rb:
-                    keys = sorted(k for k in set(ra) | set(rb) if ra.get(k) != rb.get(k))
-                    problems.append(f"{scenario}/run.json differs in {keys}")
+                differ, new = _run_json_diff(_stable(json.loads(fa[name])), _stable(json.loads(fb[name])))
+                added.update(new)
+                if differ:
+                    problems.append(f"{scenario}/run.json differs in {sorted(differ)}")
                 else:
                     same += 1
             elif fa[name] != fb[name]:
@@ -116,6 +135,8 @@ def compare(a: Path, b: Path) -> int:
         print(f"{scenario}: {same} of {len(fa)} files identical")
     for p in problems[:40]:
         print("DIFF", p)
+    if added:
+        print(f"run.json keys only B has (added, not differences): {', '.join(sorted(added))}")
     print("identical" if not problems else f"{len(problems)} differences")
     return 1 if problems else 0
 
