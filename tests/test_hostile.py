@@ -22,10 +22,10 @@ from xaicli.errors import ConfigError, quote
 from xaicli.models import build_model, resolve_path
 from xaicli.run import loader_workers, usable_cpus
 
-BOMB = "".join(
-    f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi", strict=True)
+# A list of nine levels, each nine aliases of the one before: ~550 bytes, 9^9 values once expanded.
+BOMB = "  - &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"  - &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi", strict=True)
 )
-BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + BOMB  # 9^9 values once expanded
 
 
 def xai(*args: object):
@@ -51,16 +51,16 @@ def _file(tmp_path: Path, name: str, text: str) -> Path:
 
 @pytest.mark.parametrize("key", ["method", "methods", "runtime", "target"])
 def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path: Path, folder: Path, key: str) -> None:
-    p = _file(tmp_path, "bomb.yaml", BOMB + f"{key}: *i\n")
+    p = _file(tmp_path, "bomb.yaml", f"{key}:\n" + BOMB)  # an error message would quote the whole value
     assert p.stat().st_size < 700
     t0 = time.perf_counter()
     r = xai("explain", folder, "-c", p, "-o", tmp_path / "out")
     assert r.exit_code == 2 and "expands to more than" in r.output
-    assert time.perf_counter() - t0 < 10 and len(r.output) < 2000
+    assert time.perf_counter() - t0 < 30 and len(r.output) < 2000  # seconds, not minutes and gigabytes
 
 
 def test_an_expectations_bomb_is_refused(tmp_path: Path) -> None:
-    p = _file(tmp_path, "expect.yaml", BOMB + "rules: *i\n")
+    p = _file(tmp_path, "expect.yaml", "rules:\n" + BOMB)
     with pytest.raises(ConfigError, match="expands to more than"):
         load_expectations(p)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -113,13 +114,25 @@ class Probe:
     def cmd(self, *args: object) -> list[str]:
         return [sys.executable, "-c", "from xaicli.cli import main; main()", *map(str, args)]
 
-    def xai(self, *args: object, timeout: float = TIMEOUT_S) -> tuple[int, str]:
+    def xai(self, *args: object, timeout: float = TIMEOUT_S, memory_gb: float | None = None,
+            wrap: list[str] | None = None) -> tuple[int, str]:
+        """Run `xai ARGS` in its own session (killed whole on timeout), optionally under an
+        address-space limit, optionally behind a ``wrap`` command."""
+        def limit() -> None:
+            if memory_gb:
+                cap = int(memory_gb * 2**30)
+                resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+        proc = subprocess.Popen([*(wrap or []), *self.cmd(*args)], env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=self.root, start_new_session=True,
+                                preexec_fn=limit)
         try:
-            r = subprocess.run(self.cmd(*args), env=self.env, capture_output=True, text=True, timeout=timeout,
-                               cwd=self.root)
+            out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
             return -9, "timed out"
-        return r.returncode, r.stdout + r.stderr
+        return proc.returncode, out + err
 
     def start(self, *args: object) -> subprocess.Popen[str]:
         return subprocess.Popen(self.cmd(*args), env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -283,14 +296,15 @@ def out_inside_input(p: Probe) -> Outcome:
 def yaml_bomb(p: Probe) -> Outcome:
     d = p.dir("yaml-bomb")
     images = p.images(d / "in", n=2)
-    bomb = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
-        f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi", strict=True))
+    levels = ["  - &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"] + [
+        f"  - &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi", strict=True)]
     cfg = d / "bomb.yaml"
-    cfg.write_text(bomb + "method: *i\n")
+    cfg.write_text("method:\n" + "".join(levels))  # ~550 bytes, 9^9 values once expanded
     t = time.perf_counter()
-    r, text = p.xai("explain", images, "-c", cfg, "-o", d / "out", timeout=60)
+    r, text = p.xai("explain", images, "-c", cfg, "-o", d / "out", timeout=60, memory_gb=4)
     s = time.perf_counter() - t
-    return Outcome(r == 2 and s < 60 and len(text) < 5000, f"exit {r} after {s:.1f} s, message {len(text)} chars")
+    return Outcome(r == 2 and s < 60 and len(text) < 5000,
+                   f"{cfg.stat().st_size} bytes: exit {r} after {s:.1f} s (cap 60 s, 4 GB), message {len(text)} chars")
 
 
 def workers_1000(p: Probe) -> Outcome:
@@ -394,11 +408,21 @@ def readonly_and_full_at_start(p: Probe) -> Outcome:
 def nothing_left(p: Probe) -> Outcome:
     d = p.dir("nothing-left")
     images = p.images(d / "in", n=2)
-    cfg = p.config(d, kwargs=", no_such_kwarg: 1")
     out = d / "out"
-    r1, _ = p.xai("explain", images, "-c", cfg, "-o", out)
+    r1, _ = p.xai("explain", images, "-c", p.config(d, kwargs=", no_such_kwarg: 1"), "-o", out)
+    gone = not out.exists()
+    hold = d / "hold"
+    hold.touch()
+    proc = p.start("explain", images, "-c", p.config(d, batch=1, hold=hold), "-o", out)
+    if not p.wait_file(Path(str(hold) + ".reached"), proc):
+        return Outcome(False, "never started")
+    proc.send_signal(signal.SIGINT)  # before its first image
+    proc.communicate(timeout=TIMEOUT_S)
+    hold.unlink()
+    left = sorted(x.name for x in out.iterdir()) if out.exists() else []
     r2, _text = p.xai("explain", images, "-c", p.config(d), "-o", out, "-q")
-    return Outcome(r1 == 2 and r2 == 0, f"failing run exit {r1}, plain rerun exit {r2}")
+    return Outcome(r1 == 2 and gone and r2 == 0, f"failing run exit {r1} (folder {'gone' if gone else 'left'}); "
+                   f"stopped before its first image, it left {left or 'nothing'}; plain rerun exit {r2}", faults=2)
 
 
 def file_modes(p: Probe) -> Outcome:
@@ -443,13 +467,16 @@ def batch_memory(p: Probe) -> Outcome:
         shutil.copy(images / "p00.jpg", images / f"p{i:02d}.jpg")
     cfg = p.config(d, batch=16)
     cfg.write_text(cfg.read_text().replace("workers: 0", "workers: 2"))
-    code = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode)")
-    out = subprocess.run([sys.executable, "-c", code, *p.cmd("explain", images, "-c", cfg, "-o", d / "out", "-q")],
-                         env=p.env, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=p.root)
-    peak_kb, rc = (int(x) for x in out.stdout.split()[-2:])
-    return Outcome(rc == 0 and peak_kb < 3 * 2**20, f"exit {rc}, peak of one process {peak_kb / 2**20:.2f} GB "
-                                                    "(32 photos of 24 MP, batch 16, 2 workers)")
+    code = ("import resource, subprocess, sys, time; t = time.perf_counter(); r = subprocess.run(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.returncode, time.perf_counter() - t)")
+    rc, text = p.xai("explain", images, "-c", cfg, "-o", d / "out", "-q", timeout=1800,
+                     wrap=[sys.executable, "-c", code])
+    if rc == -9:
+        return Outcome(False, "timed out after 1800 s")
+    peak_kb, rc, secs = text.split()[-3:]
+    peak = int(peak_kb) / 2**20
+    return Outcome(rc == "0" and peak < 3, f"exit {rc}, {float(secs):.0f} s, peak of one process {peak:.2f} GB "
+                                           "(32 photos of 24 MP, batch 16, 2 workers)")
 
 
 def signals(p: Probe) -> Outcome:
