@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import records
-from .config import Config
+from .config import Config, TargetConfig
 from .data import (
     DecodeLimits,
     ImageEntry,
@@ -40,9 +41,9 @@ from .data import (
     list_images,
     worker_init,
 )
-from .engine import BatchResult, MethodResult, Setup, select_device, setup, signed_mode
+from .engine import BatchResult, MethodResult, Setup, select_device, setup
 from .errors import EXIT_OK, EXIT_PARTIAL, ConfigError, InputError, XaiError
-from .methods.base import Batch, is_oom, split_on_oom, stable_seed
+from .methods.batch import Batch, is_oom, split_on_oom, stable_seed
 from .metrics.context import MetricContext
 from .metrics.ground_truth import build_context
 from .models import weights_digest
@@ -78,12 +79,22 @@ class RunRequest:
 
 
 class ProgressHook(Protocol):
+    """What a run tells its display (xaicli/progress.py). Besides these, the run calls the
+    following when the object has them, for progress inside a batch: ``plan(steps, ranks)`` once
+    (method, runner passes per image and target or None, exact?), ``batch(size)`` as a batch
+    starts, ``method(name)`` as a method starts on it, ``passes(n)`` after each chunk of inputs
+    the engine's Runner sends through the model."""
+
+    def warn(self, message: str) -> None: ...
     def start(self, total: int, description: str) -> None: ...
     def advance(self, n: int) -> None: ...
     def finish(self) -> None: ...
 
 
 class _NoProgress:
+    def warn(self, message: str) -> None:
+        pass
+
     def start(self, total: int, description: str) -> None:
         pass
 
@@ -92,6 +103,30 @@ class _NoProgress:
 
     def finish(self) -> None:
         pass
+
+
+def _hook(progress: Any, name: str) -> Callable[..., None]:
+    """An optional hook of ``progress`` (see ProgressHook), or one that does nothing."""
+    fn = getattr(progress, name, None)
+    return fn if callable(fn) else (lambda *args: None)
+
+
+_QUOTED = re.compile(r"^(\d+) \((\d+)[×x](\d+) input\)$")
+
+
+def _passes_per_image(spec: Any, params: Any, channels: int | None, size: tuple[int, int]) -> tuple[int | None, bool]:
+    """Passes a method sends through the Runner per image and target (its forwards less the shared
+    one), and whether that is exact. A count the registry quotes for another input size (occlusion's
+    windows) is scaled by the input's area, an estimate the display replaces by what the first
+    batch took."""
+    forwards = spec.cost(params, channels)[0]
+    if isinstance(forwards, int):
+        return max(0, forwards - 1), True
+    m = _QUOTED.match(str(forwards))
+    if m is None:
+        return None, False
+    n, qh, qw = (int(g) for g in m.groups())
+    return max(0, round((n - 1) * size[0] * size[1] / (qh * qw))), False
 
 
 @dataclass
@@ -146,6 +181,7 @@ class RunContext:
     writer: Writer
     palette: Palette
     explainer: Any  # engine.Explainer
+    targets: dict[str, int] | None = None  # per-image targets (file or folder): image rel path -> class
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,11 +268,15 @@ def _run(req: RunRequest, plan: Plan, layout: Layout, listed: ListedImages, prog
     cfg = req.cfg
     st = setup(plan, layout.device(select_device(cfg.runtime.device)))
     clock.load_s = time.perf_counter() - clock.t0
+    if layout.is_main:  # once per run, not once per torchrun rank
+        for message in st.warnings:
+            progress.warn(message)
     described = _describe(req, st, layout, clock)
     layout.adopt_plan(described, resume=req.resume)  # a changed config never mixes with the earlier run
     entries = layout.select(listed.entries)
     done = layout.done() if req.resume else {}
     todo = [e for e in entries if e.rel not in done]
+    targets, no_target = _image_targets(st, todo)
     tally = _Tally()
     scores = ScoresFile(layout.scores_path)
     threads = max(2, min(8, (os.cpu_count() or 2)))
@@ -244,12 +284,13 @@ def _run(req: RunRequest, plan: Plan, layout: Layout, listed: ListedImages, prog
     o = cfg.output
     ctx = RunContext(st, req.out, records.output_names([e.rel for e in listed.entries]), writer,
                      Palette.of(o.colormap, o.diverging_colormap, o.alpha, st.device),
-                     st.explainer(keep_batches=bool(st.metrics)))
+                     st.explainer(keep_batches=bool(st.metrics), on_method=_hook(progress, "method")), targets)
+    st.runner.on_pass = _hook(progress, "passes")
     if st.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(st.device)
     clock.t_run = time.perf_counter()
     try:
-        _explain_images(ctx, todo, progress)
+        _explain_images(ctx, todo, progress, no_target)
     finally:
         writer.close()
         scores.close()
@@ -331,6 +372,8 @@ def _describe(req: RunRequest, st: Setup, layout: Layout, clock: _Clock) -> dict
         "config": req.cfg.to_dict(),
         "model": st.loaded.description,
         "weights_digest": weights_digest(st.model),
+        "sources": st.loaded.sources,
+        "warnings": st.warnings,
         "n_classes": st.n_classes,
         "layer": st.layer.spec if st.layer else None,
         "layer_shape": list(st.layer_shape) if st.layer_shape else None,
@@ -404,17 +447,46 @@ def _loader(todo: list[ImageEntry], st: Setup) -> torch.utils.data.DataLoader[Lo
     )
 
 
-def _explain_images(ctx: RunContext, todo: list[ImageEntry], progress: ProgressHook) -> None:
+def _image_targets(st: Setup, todo: list[ImageEntry]) -> tuple[dict[str, int] | None, dict[str, str]]:
+    """Per-image targets (target: a file or folder): image -> class for the images that have one,
+    and image -> why not for the others (they get error records and are not loaded)."""
+    if st.image_targets is None:
+        return None, {}
+    found: dict[str, int] = {}
+    missing: dict[str, str] = {}
+    for e in todo:
+        t = st.image_targets.resolve(e.rel, e.path)
+        if isinstance(t, int):
+            found[e.rel] = t
+        else:
+            missing[e.rel] = t
+    return found, missing
+
+
+def _explain_images(ctx: RunContext, todo: list[ImageEntry], progress: ProgressHook,
+                    no_target: dict[str, str] | None = None) -> None:
     """Every image of ``todo``, batch by batch; a batch that runs out of device memory is split
-    in halves (and the run keeps the smaller size)."""
-    cfg = ctx.st.cfg
-    loader = _loader(todo, ctx.st)
-    progress.start(len(todo), f"{'+'.join(cfg.method)} on {len(todo)} images")
-    chunk = cfg.runtime.batch_size  # lowered for the rest of the run after an out-of-memory split
+    in halves (and the run keeps the smaller size). Images in ``no_target`` (rel -> why) get an
+    error record and are not loaded."""
+    st = ctx.st
+    progress.start(len(todo), f"{'+'.join(st.cfg.method)} on {len(todo)} images")
+    channels = st.layer_shape[0] if st.layer_shape else None
+    size = st.loaded.preprocess.input_size
+    _hook(progress, "plan")([(s.name, *_passes_per_image(s, p, channels, size)) for s, p in st.methods],
+                            st.target_ranks)
+    new_batch = _hook(progress, "batch")
+    if no_target:
+        for rel, why in no_target.items():
+            ctx.writer.submit(records.error_record(rel, "target", why), [])
+        progress.advance(len(no_target))
+        todo = [e for e in todo if e.rel not in no_target]
+    loader = _loader(todo, st)
+    chunk = st.cfg.runtime.batch_size  # lowered for the rest of the run after an out-of-memory split
     for batch in loader:
         for err in batch.errors:
             ctx.writer.submit(records.error_record(err.rel, err.kind, err.message), [])
         if batch.size:
+            new_batch(batch.size)
             chunk = split_on_oom(partial(_explain_slice, ctx, batch), batch.size, chunk)
         progress.advance(len(batch.errors) + batch.size)
 
@@ -439,12 +511,44 @@ def _explain_batch(ctx: RunContext, batch: LoadedBatch) -> None:
     assert batch.x is not None
     x = batch.x.to(st.device, non_blocking=True)
     seeds = torch.tensor([stable_seed(st.cfg.runtime.seed, r) for r in batch.rels], dtype=torch.long)
-    res = ctx.explainer(x, seeds)
+    targets = _batch_targets(ctx, batch.rels)
+    res = ctx.explainer(x, seeds) if targets is None else ctx.explainer(x, seeds, targets=targets)
     out = _BatchOutputs(ctx, batch, res)
     for mres in res.methods:
         for j in range(len(mres.maps)):
             out.add(mres, j)
     out.submit()
+
+
+def _batch_targets(ctx: RunContext, rels: list[str]) -> Tensor | Callable[[Tensor], Tensor] | None:
+    """The classes to explain for per-image targets: (B,), or with ``also_predicted`` a function
+    of the logits giving (B, 2): the prediction, then the image's own class. None: the Explainer's
+    own rule (prediction, fixed class, top-k)."""
+    if ctx.targets is None:
+        return None
+    known = torch.tensor([ctx.targets[r] for r in rels], dtype=torch.long, device=ctx.st.device)
+    if not ctx.st.target.also_predicted:
+        return known
+    return lambda logits: torch.stack([logits.argmax(1), known], 1)
+
+
+def target_source(target: TargetConfig, j: int) -> str | None:
+    """Which source gave target rank ``j`` (scores.jsonl ``target.source``): ``predicted``,
+    ``file`` or ``folder``; None for the run-wide rules (prediction, fixed class, top-k), whose
+    records stay as they were."""
+    if not target.per_image:
+        return None
+    return "predicted" if target.also_predicted and j == 0 else target.mode
+
+
+def target_suffix(target: TargetConfig, j: int) -> str:
+    """The file-name suffix of target rank ``j``: ``.top2`` for top-k, ``.predicted`` / ``.true``
+    for the prediction beside a per-image class, none otherwise."""
+    if target.mode == "topk":
+        return f".top{j + 1}"
+    if target.also_predicted:
+        return ".predicted" if j == 0 else ".true"
+    return ""
 
 
 @dataclass
@@ -501,14 +605,15 @@ class _BatchOutputs:
         """The map of method ``mres`` for target rank ``j``: stats, metrics, overlays, raw maps."""
         st, o = self.ctx.st, self.ctx.st.cfg.output
         spec, raw = mres.spec, mres.maps[j]
-        mode = signed_mode(spec, mres.params)
+        mode, _ = spec.display(mres.params)
         flat = raw.flatten(1)
         stats = torch.stack([flat.amin(1), flat.amax(1), flat.mean(1)], 1).cpu()
         norm = normalize(raw, mode)
         metric_vals = self._metrics(self.res.batches[j], raw, mode) if st.metrics else {}
         extras = {k: v.detach().float().cpu() for k, v in mres.extras[j].items()}
-        suffix = f".{spec.name}" + (f".top{j + 1}" if st.target.mode == "topk" else "")
-        boxes = metric_vals.get("boxes") if any(getattr(mp, "draw", False) for _, mp in st.metrics) else None
+        suffix = f".{spec.name}" + target_suffix(st.target, j)
+        source = target_source(st.target, j)
+        boxes = next((b for ms, mp in st.metrics if (b := ms.boxes_to_draw(mp, metric_vals)) is not None), None)
         overlays, peaks = compose(self.images, norm, self.windows, self.ctx.palette, signed=mode == "diverging",
                                   boxes=boxes, overlays=o.overlays)
         layer = st.layer.spec if (st.layer is not None and spec.needs_layer) else None
@@ -530,6 +635,8 @@ class _BatchOutputs:
             if metric_vals:
                 values["metrics"] = {k: records.json_ready(v[i].tolist()) for k, v in metric_vals.items()}
             target = self.preds.target(i, j, st.loaded.label)
+            if source is not None:
+                target["source"] = source
             self.entries[i].append(records.explanation_entry(spec.name, layer, target, map_stats, files, values))
 
     def _peak(self, i: int, flat: int) -> list[int]:
@@ -548,8 +655,7 @@ class _BatchOutputs:
         metric_map = to_input_size(metric_map, st.loaded.preprocess.input_size)
         out: dict[str, Tensor] = {}
         for mspec, mparams in st.metrics:
-            margs = (mb, metric_map, mparams, self.metric_ctx) if mspec.context else (mb, metric_map, mparams)
-            for key, val in mspec.fn(*margs).items():
+            for key, val in mspec.fn(mb, metric_map, mparams, self.metric_ctx).items():
                 out[key] = val.detach().float().cpu()
         return out
 
