@@ -75,7 +75,7 @@ class DecodeError(Exception):
         self.message = message
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
     """Every PIL mode to 8-bit RGB: alpha composited on white, 16-bit and float scaled, CMYK etc.
     converted by PIL."""
     mode = im.mode
@@ -121,7 +121,7 @@ def decode_image(path: Path) -> Tensor:
                     im = ImageOps.exif_transpose(im)
                 except Exception:  # a broken EXIF block must not lose the image
                     pass
-                rgb = _to_rgb(im)
+                rgb = to_rgb(im)
                 arr = np.array(rgb, dtype=np.uint8)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DecodeError("too_large", f"image too large: {e}") from None

@@ -132,6 +132,18 @@ def ok_records(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return [r for r in records if r.get("status") == "ok"]
 
 
+def file_safe(label: str, index: int, limit: int = 40) -> str:
+    """A class name as a file name part: lower-case ASCII letters, digits and ``_`` (accents
+    dropped, any other run of characters one ``_``), at most ``limit`` characters; ``class_INDEX``
+    when nothing is left (e.g. a name in another script)."""
+    import re
+    import unicodedata
+
+    ascii_name = unicodedata.normalize("NFKD", label).encode("ascii", "ignore").decode()
+    safe = re.sub(r"[^a-z0-9]+", "_", ascii_name.lower()).strip("_")[:limit].rstrip("_")
+    return safe or f"class_{index}"
+
+
 def output_names(rels: Sequence[str]) -> dict[str, str]:
     """rel path -> output stem path (without method suffix). ``a.jpg`` and ``a.png`` in one folder
     would collide on the stem, so those keep their extension."""

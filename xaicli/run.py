@@ -17,7 +17,7 @@ import os
 import platform
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from . import records
+from .annotate import Caption, Legend, annotate, lut_array
 from .config import Config
 from .data import ImageEntry, ImageFolder, ListedImages, LoadedBatch, collate, list_images, worker_init
 from .engine import BatchResult, MethodResult, Setup, select_device, setup, signed_mode
@@ -38,7 +39,8 @@ from .metrics.context import MetricContext
 from .metrics.ground_truth import build_context
 from .outputs import ScoresFile, Writer, encode_image, encode_npy, map_file, overlay_file, prepare_out_dir
 from .plan import Plan, resolve_plan
-from .render import Palette, compose, normalize, place, to_input_size
+from .render import Palette, Style, compose, normalize, place, to_input_size
+from .report import finish_pictures
 from .shards import Layout, MergeResult, merge_parts
 
 # --------------------------------------------------------------------------------------------
@@ -124,6 +126,8 @@ class RunContext:
     writer: Writer
     palette: Palette
     explainer: Any  # engine.Explainer
+    styles: Mapping[str, Style] = field(default_factory=dict)  # method name -> how its maps are drawn
+    legends: Mapping[str, Legend] = field(default_factory=dict)  # method name -> its caption's colour bar
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,8 +177,9 @@ def merge_run(out: Path, *, partial: bool = False) -> MergeResult | None:
 
 # Steps that run once per run when the whole run's scores.jsonl and run.json are on disk: at the
 # end of an unsharded run, and in the one process that merged a sharded or torchrun run (or
-# `xai merge`). Each step takes (run folder, run.json).
-FINISH_STEPS: tuple[Callable[[Path, dict[str, Any]], None], ...] = ()
+# `xai merge`). Each step takes (run folder, run.json). The contact sheet and the report
+# (output.grid, output.report) are written here.
+FINISH_STEPS: tuple[Callable[[Path, dict[str, Any]], None], ...] = (finish_pictures,)
 
 
 def finish_run(out: Path, run: dict[str, Any]) -> None:
@@ -209,7 +214,7 @@ def _run(req: RunRequest, plan: Plan, layout: Layout, listed: ListedImages, prog
     o = cfg.output
     ctx = RunContext(st, req.out, records.output_names([e.rel for e in listed.entries]), writer,
                      Palette.of(o.colormap, o.diverging_colormap, o.alpha, st.device),
-                     st.explainer(keep_batches=bool(st.metrics)))
+                     st.explainer(keep_batches=bool(st.metrics)), plan.styles, _legends(st, plan.styles))
     if st.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(st.device)
     clock.t_run = time.perf_counter()
@@ -224,7 +229,7 @@ def _run(req: RunRequest, plan: Plan, layout: Layout, listed: ListedImages, prog
     counts = {"listed": len(listed.entries), "shard": len(entries), "processed": len(todo),
               "ok": tally.ok + len(entries) - len(todo), "failed": tally.failed,
               "skipped_done": len(entries) - len(todo), "ignored_files": listed.ignored}
-    run = _manifest(req, st, layout, counts, tally, clock)
+    run = _manifest(req, st, layout, counts, tally, clock, plan.styles)
     from .metrics.summary import aggregate
 
     run["aggregates"] = aggregate(sealed, run["metrics"])
@@ -235,8 +240,20 @@ def _run(req: RunRequest, plan: Plan, layout: Layout, listed: ListedImages, prog
                      fin.exit_code, fin.run, fin.merged, fin.pending)
 
 
+def _legends(st: Setup, styles: Mapping[str, Style]) -> dict[str, Legend]:
+    """The colour bar of each method's captions (what its colours mean, as it is drawn)."""
+    o = st.cfg.output
+    out = {}
+    for spec, params in st.methods:
+        mode = signed_mode(spec, params)
+        style = styles.get(spec.name, Style())
+        lut = lut_array(o.diverging_colormap if mode == "diverging" else o.colormap)
+        out[spec.name] = Legend.of(lut, mode, style.blend, o.alpha, style.clip)
+    return out
+
+
 def _manifest(req: RunRequest, st: Setup, layout: Layout, counts: dict[str, int], tally: _Tally,
-              clock: _Clock) -> dict[str, Any]:
+              clock: _Clock, styles: Mapping[str, Style]) -> dict[str, Any]:
     """This process's run.json (records.RunManifest); ``aggregates`` is added by the caller."""
     pre, device = st.loaded.preprocess, st.device
     channels = st.layer_shape[0] if st.layer_shape else None
@@ -257,8 +274,8 @@ def _manifest(req: RunRequest, st: Setup, layout: Layout, counts: dict[str, int]
         "preprocess": {"resize": pre.resize, "crop": pre.crop, "mean": pre.mean, "std": pre.std,
                        "interpolation": pre.interpolation, "input_size": list(pre.input_size)},
         "target": st.target.describe(),
-        "methods": [{"name": s.name, "params": _params_dict(p), "passes": s.cost_text(p, channels)}
-                    for s, p in st.methods],
+        "methods": [{"name": s.name, "params": _params_dict(p), "passes": s.cost_text(p, channels),
+                     "style": _params_dict(styles.get(s.name, Style()))} for s, p in st.methods],
         "metrics": [{"name": s.name, "params": _params_dict(p)} for s, p in st.metrics],
         "device": {"type": device.type,
                    "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()},
@@ -412,22 +429,18 @@ class _BatchOutputs:
         norm = normalize(raw, mode)
         metric_vals = self._metrics(self.res.batches[j], raw, mode) if st.metrics else {}
         extras = {k: v.detach().float().cpu() for k, v in mres.extras[j].items()}
-        suffix = f".{spec.name}" + (f".top{j + 1}" if st.target.mode == "topk" else "")
-        boxes = metric_vals.get("boxes") if any(getattr(mp, "draw", False) for _, mp in st.metrics) else None
+        drawn = self._drawn_boxes()
+        boxes = metric_vals.get("boxes") if drawn else None
         overlays, peaks = compose(self.images, norm, self.windows, self.ctx.palette, signed=mode == "diverging",
-                                  boxes=boxes, overlays=o.overlays)
+                                  boxes=boxes, overlays=o.overlays, style=self.ctx.styles.get(spec.name))
         layer = st.layer.spec if (st.layer is not None and spec.needs_layer) else None
-        for i, rel in enumerate(self.batch.rels):
-            stem = self.ctx.names[rel]
-            files: records.Files = {"overlay": None, "map": None}
-            if overlays[i] is not None:
-                files["overlay"] = overlay_file(stem, suffix, o.format)
-                self.jobs[i].append((self.ctx.out / files["overlay"],
-                                     partial(encode_image, overlays[i], o.format, o.jpeg_quality)))
-            if o.save_maps:
-                files["map"] = map_file(stem, suffix)
-                arr = _map_array(raw[i], self.sizes[i], self.windows[i])
-                self.jobs[i].append((self.ctx.out / files["map"], partial(encode_npy, arr)))
+        for i in range(len(self.batch.rels)):
+            target = self.preds.target(i, j, st.loaded.label)
+            suffix = f".{spec.name}" + (f".top{j + 1}-{records.file_safe(target['label'], target['index'])}"
+                                        if st.target.mode == "topk" else "")
+            tags = list(zip(boxes[i].reshape(-1, 4).tolist(), drawn, strict=False)) if boxes is not None else []
+            files = self._files(i, overlays[i], suffix, raw[i], Caption(spec.name, target["label"], target["prob"],
+                                                                         target["rank"]), tags)
             width = self.sizes[i][1]
             map_stats: records.MapStats = {
                 "shape": list(raw.shape[1:]), "min": float(stats[i, 0]), "max": float(stats[i, 1]),
@@ -435,8 +448,31 @@ class _BatchOutputs:
             values: dict[str, Any] = {k: records.json_ready(v[i].tolist()) for k, v in extras.items()}
             if metric_vals:
                 values["metrics"] = {k: records.json_ready(v[i].tolist()) for k, v in metric_vals.items()}
-            target = self.preds.target(i, j, st.loaded.label)
             self.entries[i].append(records.explanation_entry(spec.name, layer, target, map_stats, files, values))
+
+    def _drawn_boxes(self) -> tuple[float, ...]:
+        """The thresholds of the boxes drawn on the overlays (the boxes metric with ``draw``)."""
+        return next((tuple(mp.thresholds) for ms, mp in self.ctx.st.metrics if getattr(mp, "draw", False)), ())
+
+    def _files(self, i: int, overlay: np.ndarray | None, suffix: str, raw: Tensor, caption: Caption,
+               tags: list[tuple[list[float], float]]) -> records.Files:
+        """Queue image ``i``'s overlay (annotated unless ``output.annotate`` is off) and raw map."""
+        o = self.ctx.st.cfg.output
+        stem = self.ctx.names[self.batch.rels[i]]
+        files: records.Files = {"overlay": None, "map": None}
+        if overlay is not None:
+            files["overlay"] = name = overlay_file(stem, suffix, o.format)
+            if o.annotate:
+                produce = partial(_encode_annotated, overlay, caption, self.ctx.legends[caption.method], tags,
+                                  o.format, o.jpeg_quality)
+            else:
+                produce = partial(encode_image, overlay, o.format, o.jpeg_quality)
+            self.jobs[i].append((self.ctx.out / name, produce))
+        if o.save_maps:
+            files["map"] = name = map_file(stem, suffix)
+            arr = _map_array(raw, self.sizes[i], self.windows[i])
+            self.jobs[i].append((self.ctx.out / name, partial(encode_npy, arr)))
+        return files
 
     def _metrics(self, mb: Batch, raw: Tensor, mode: str | None) -> dict[str, Tensor]:
         """Every metric of the run on one method's maps, at the model input's size and scaled as
@@ -458,6 +494,12 @@ class _BatchOutputs:
         for i, rel in enumerate(self.batch.rels):
             rec = records.image_record(rel, self.sizes[i], self.preds.topk(i, st.loaded.label), self.entries[i])
             self.ctx.writer.submit(rec, self.jobs[i])
+
+
+def _encode_annotated(rgb: np.ndarray, caption: Caption, legend: Legend, tags: list[tuple[list[float], float]],
+                      fmt: str, quality: int) -> bytes:
+    """An overlay with its caption strip and box tags, encoded (on a writer thread)."""
+    return encode_image(annotate(rgb, caption, legend, tags), fmt, quality)
 
 
 def _map_array(raw: Tensor, size: tuple[int, int], window: tuple[float, float, float, float]) -> np.ndarray:
