@@ -144,7 +144,7 @@ def caption_strip(width: int, caption: Caption, legend: Legend) -> np.ndarray:
     from PIL import Image, ImageDraw
 
     size = font_size(width)
-    f, fb, fs = font(size), font(size, bold=True), font(max(11, round(size * 0.85)))
+    f, fb = font(size), font(size, bold=True)
     pad = max(3, round(size * 0.45))
     line = round(size * 1.3)
     avail = width - 2 * pad
@@ -152,20 +152,41 @@ def caption_strip(width: int, caption: Caption, legend: Legend) -> np.ndarray:
     sep = "  ·  "
     one_line = text_width(method, fb) + text_width(sep + rest, f) <= avail
     n_text = 1 if one_line else 2
-    bar_h = max(6, round(size * 0.75))
-    height = pad + n_text * line + round(size * 0.25) + max(bar_h, line) + pad
-    img = Image.new("RGB", (width, height), BACKGROUND)
-    d = ImageDraw.Draw(img)
-    y = pad
+    head = Image.new("RGB", (width, pad + n_text * line + round(size * 0.25)), BACKGROUND)
+    d = ImageDraw.Draw(head)
     if one_line:
-        d.text((pad, y), method, font=fb, fill=TEXT)
-        d.text((pad + text_width(method, fb), y), sep + rest, font=f, fill=TEXT)
+        d.text((pad, pad), method, font=fb, fill=TEXT)
+        d.text((pad + text_width(method, fb), pad), sep + rest, font=f, fill=TEXT)
     else:
-        d.text((pad, y), fit(method, fb, avail), font=fb, fill=TEXT)
-        d.text((pad, y + line), fit(rest, f, avail), font=f, fill=TEXT)
-    y += n_text * line + round(size * 0.25)
-    _colour_bar(d, img, legend, (pad, y, width - pad, max(bar_h, line)), fs, bar_h)
-    return np.asarray(img)
+        d.text((pad, pad), fit(method, fb, avail), font=fb, fill=TEXT)
+        d.text((pad, pad + line), fit(rest, f, avail), font=f, fill=TEXT)
+    return np.concatenate([np.asarray(head), bar_row(width, legend)])
+
+
+_BAR_ROWS: dict[tuple[int, int], tuple[Legend, np.ndarray]] = {}
+
+
+def bar_row(width: int, legend: Legend) -> np.ndarray:
+    """uint8 (h, width, 3): the colour bar row of a caption (the same for every image of a width
+    and method, so drawn once; the legend is kept with it, so its id is not reused)."""
+    key = (id(legend), width)
+    hit = _BAR_ROWS.get(key)
+    if hit is not None and hit[0] is legend:
+        return hit[1]
+    from PIL import Image, ImageDraw
+
+    size = font_size(width)
+    fs = font(max(11, round(size * 0.85)))
+    pad = max(3, round(size * 0.45))
+    bar_h, row = max(6, round(size * 0.75)), round(size * 1.3)
+    img = Image.new("RGB", (width, max(bar_h, row) + pad), BACKGROUND)
+    _colour_bar(ImageDraw.Draw(img), img, legend, (pad, 0, width - pad, max(bar_h, row)), fs, bar_h)
+    arr = np.asarray(img)
+    arr.flags.writeable = False
+    if len(_BAR_ROWS) > 256:
+        _BAR_ROWS.clear()
+    _BAR_ROWS[key] = (legend, arr)
+    return arr
 
 
 def _colour_bar(d: Any, img: Any, legend: Legend, box: tuple[int, int, int, int], f: Any, bar_h: int) -> None:

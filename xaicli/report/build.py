@@ -17,6 +17,7 @@ from .data import REPORT_DIR, Column, Grid, RunView, build_grid, input_root, run
 from .thumbs import THUMB_SIZE, write_thumbnails
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
+SHOWN_SIZE = 200  # CSS px of a thumbnail on the page (the files are THUMB_SIZE: sharp on high-density screens)
 
 
 def build_report(folders: Sequence[RunFolder], out: Path, *, images: Path | None = None,
@@ -90,7 +91,7 @@ def render_page(views: Sequence[RunView], grid: Grid, out: Path) -> str:
         "plots": plot_files,
         "curves_note": curves_note,
         "checks": _checks(views, out),
-        "thumb": THUMB_SIZE,
+        "shown": SHOWN_SIZE,
         "data_json": _json_for_script(grid_data(views, grid)),
         "script": Markup((TEMPLATES / "report.js").read_text(encoding="utf-8")),  # our own file, verbatim
     }
@@ -179,10 +180,21 @@ def run_summary(v: RunView) -> dict[str, Any]:
         "device": " ".join(str(x) for x in (dev.get("type"), dev.get("name")) if x) + f", {run.get('precision', '')}",
         "started": run.get("started", "?"), "finished": run.get("finished", "?"),
         "versions": ", ".join(f"{k} {versions[k]}" for k in ("xaicli", "torch", "torchvision") if k in versions),
-        "command": " ".join(run.get("command") or []),
+        "command": _command(run.get("command") or []),
         "failures": [{"path": r["path"], "type": (r.get("error") or {}).get("type", "error"),
                       "message": (r.get("error") or {}).get("message", "")} for r in failed],
     }
+
+
+def _command(argv: Sequence[str]) -> str:
+    """The command line as typed: ``xai ...`` for the console script or ``python -m xaicli.cli``."""
+    import shlex
+
+    if not argv:
+        return ""
+    first = Path(str(argv[0]))
+    name = "xai" if first.name in ("xai", "cli.py", "__main__.py") else str(argv[0])
+    return " ".join([name, *(shlex.quote(str(a)) for a in argv[1:])])
 
 
 def _method_line(m: Mapping[str, Any]) -> dict[str, str]:

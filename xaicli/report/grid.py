@@ -71,6 +71,8 @@ def render_page(view: RunView, cols: Sequence[Column], records: Sequence[dict[st
             pic = pictures[r][c]
             if pic is not None:
                 canvas.paste(Image.fromarray(pic), (x + (CELL_W - pic.shape[1]) // 2, y + (CELL_H - pic.shape[0]) // 2))
+            elif c == 0 and rec.get("status") != "ok":
+                _failure(d, rec, (x, y))
             lines = _caption(rec, None if c == 0 else cols[c - 1], pic is not None)
             for k, (text, colour) in enumerate(lines):
                 d.text((x, y + CELL_H + GAP // 2 + k * line), fit(text, font(FONT), CELL_W), font=font(FONT), fill=colour)
@@ -97,6 +99,19 @@ def _header(canvas: Any, d: Any, view: RunView, cols: Sequence[Column], page: tu
         d.text((x, y), legend.low, font=small, fill=MUTED)
         canvas.paste(Image.fromarray(np.repeat(bar_colours(legend, bar_w)[None], 8, 0)), (round(x + lw + 6), y + 4))
         d.text((x + lw + 12 + bar_w, y), legend.high, font=small, fill=MUTED)
+
+
+def _failure(d: Any, rec: dict[str, Any], at: tuple[int, int]) -> None:
+    """A failed image's reason, wrapped in the picture's box."""
+    import textwrap
+
+    err = rec.get("error") or {}
+    f = font(FONT)
+    chars = max(10, int(CELL_W / (f.size * 0.55)))
+    lines = ["failed", *textwrap.wrap(f"{err.get('type', 'error')}: {err.get('message', '')}", chars)][:8]
+    for k, text in enumerate(lines):
+        d.text((at[0] + 6, at[1] + 6 + k * round(FONT * 1.35)), fit(text, f, CELL_W - 12), font=f,
+               fill=(235, 110, 100) if k == 0 else TEXT)
 
 
 def _pictures(view: RunView, cols: Sequence[Column], records: Sequence[dict[str, Any]]) -> list[list[np.ndarray | None]]:
@@ -133,7 +148,7 @@ def _caption(rec: dict[str, Any], col: Column | None, has_picture: bool) -> list
         err = rec.get("error") or {}
         if col is not None:
             return []
-        return [(rec["path"], TEXT), (f"failed: {err.get('type', 'error')}: {err.get('message', '')}", (235, 110, 100))]
+        return [(rec["path"], TEXT), (f"failed ({err.get('type', 'error')})", (235, 110, 100))]
     if col is None:
         top = (rec.get("topk") or [{}])[0]
         text = f"predicted {top.get('label', '?')} {top.get('prob', 0):.1%}"

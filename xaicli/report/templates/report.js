@@ -118,7 +118,8 @@
     if (!cell) return `<td>${row.s === "error" ? "" : '<div class="none">not explained</div>'}</td>`;
     const gt = boxes(row.g, row.w, row.h, "gt", "ground truth");
     const bx = D.runs[col.run].draw_boxes ? boxes(cell.b, row.w, row.h, "", "map box at " + D.runs[col.run].box_thresholds) : "";
-    const vals = Object.entries(cell.v).filter(([k]) => k !== "prob").map(([k, v]) => `${esc(k)} ${fmt(v)}`).join(" · ");
+    // The scores under the picture (the map's own statistics stay sortable, not shown).
+    const vals = Object.entries(cell.v).filter(([k]) => k !== "prob" && !k.startsWith("map_")).map(([k, v]) => `${esc(k)} ${fmt(v)}`).join(" · ");
     return `<td>${picture(cell.t, cell.f, col.title, gt + bx)}<div class="cap">${esc(cell.l)} ${pct(cell.q)}` +
       `${cell.r > 1 ? ` <span class="muted">(rank ${cell.r})</span>` : ""}${vals ? `<div class="vals">${vals}</div>` : ""}</div></td>`;
   }
