@@ -55,7 +55,8 @@ def test_explain_writes_overlays_scores_and_run_json(tmp_path, image_dir, tiny_c
         assert e["layer"] == "features" and e["map"]["shape"] == [16, 16]
         assert 0 <= e["map"]["peak"][0] < rec["width"] and 0 <= e["map"]["peak"][1] < rec["height"]
     ov = Image.open(out / rec["explanations"][0]["files"]["overlay"])
-    assert ov.size == (rec["width"], rec["height"]) and ov.mode == "RGB"
+    # The image's own size, with a caption strip below (on a canvas at least 200 px wide).
+    assert ov.size[0] == max(rec["width"], 200) and ov.size[1] > rec["height"] and ov.mode == "RGB"
     assert len(rec["topk"]) == 5 and rec["topk"][0]["prob"] >= rec["topk"][1]["prob"]
     assert rec["explanations"][0]["target"]["index"] == rec["topk"][0]["index"]
     assert rec["explanations"][0]["target"]["rank"] == 1

@@ -5,11 +5,15 @@
 
 Scenarios (sample_images, the embedded default model, every method with cheap knobs):
 ``all`` (every method, every metric, ground-truth boxes, raw maps), ``topk`` (top-2 targets, JPEG),
-``shard`` (the ``all`` run as --shard 0/2 then 1/2, merged by the last part) and ``torchrun`` (two
-processes). ``compare`` checks scores.jsonl byte for byte, every overlay and map byte for byte, and
-run.json with the fields that differ from run to run (times, versions, paths, host) left out.
+``shard`` (the ``all`` run as --shard 0/2 then 1/2, merged by the last part), ``torchrun`` (two
+processes) and ``pictures`` (captioned overlays of four methods drawn their default ways, top-2
+targets, drawn boxes, grid.png and the report's thumbnails and plots; report.html itself holds
+times and paths and is not compared; a scenario that A lacks is skipped). ``compare`` checks
+scores.jsonl byte for byte, every overlay and map byte for byte, and run.json with the fields that
+differ from run to run (times, versions, paths, host) left out.
 
-The runs draw bare overlays the way xaicli did before captions and per-method styles (issue 11):
+The first four scenarios draw bare overlays the way xaicli did before captions and per-method
+styles (issue 11):
 ``output.annotate: false`` and every pixel method at ``clip: 100, blend: alpha``. Two changes of
 that issue are allowed and reported on their own lines, never as differences: top-k files named
 ``.topK-<class>`` (compared as ``.topK``), and keys that B's run.json has and A's lacks ("added").
@@ -57,6 +61,21 @@ output: {format: jpg, annotate: false, style: STYLE}
 runtime: {batch_size: 4, workers: 0}
 """
 
+# Captioned overlays, each method drawn its default way, the contact sheet and the report (issue 11).
+PICTURES = """\
+method: [gradcam, saliency, integrated_gradients, occlusion]
+methods:
+  integrated_gradients: {steps: 8}
+  occlusion: {window: 56, stride: 56}
+target: top2
+metrics:
+  boxes: {draw: true}
+output: {report: true, grid: true}
+runtime: {batch_size: 4, workers: 0}
+"""
+SCENARIOS = ("all", "topk", "shard", "torchrun", "pictures")
+UNCOMPARED = {"report.html"}  # holds the time it was made and the run's paths
+
 # The drawing of every method before issue 11: the maximum at the colour bar's end, a constant alpha.
 OLD_STYLE = ("{" + ", ".join(f"{m}: {{clip: 100, blend: alpha}}" for m in (
     "saliency", "guided_backprop", "deconvnet", "guided_gradcam", "smoothgrad", "integrated_gradients", "occlusion",
@@ -86,6 +105,9 @@ def run(dest: Path) -> None:
     topk.write_text(TOPK.replace("STYLE", OLD_STYLE))
     _xai(["explain", str(IMAGES), "-c", str(cfg), "-o", str(dest / "all"), "-q"])
     _xai(["explain", str(IMAGES), "-c", str(topk), "-o", str(dest / "topk"), "-q"])
+    pictures = dest / "pictures.yaml"
+    pictures.write_text(PICTURES)
+    _xai(["explain", str(IMAGES), "-c", str(pictures), "-o", str(dest / "pictures"), "-q"])
     for i in range(2):
         _xai(["explain", str(IMAGES), "-c", str(cfg), "-o", str(dest / "shard"), "--shard", f"{i}/2", "-q"])
     tr = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
@@ -151,7 +173,10 @@ def _compare_run_json(ra: dict, rb: dict) -> tuple[list[str], list[str]]:
 def compare(a: Path, b: Path) -> int:
     problems = []
     notes = set()
-    for scenario in ("all", "topk", "shard", "torchrun"):
+    for scenario in SCENARIOS:
+        if not (a / scenario).is_dir():
+            print(f"{scenario}: only in B (a scenario newer than A), not compared")
+            continue
         fa, fb = _files(a / scenario), _files(b / scenario)
         if _renamed(b / scenario) and not _renamed(a / scenario):
             notes.add(f"top-k files named .topK-<class> in B ({scenario}: {_renamed(b / scenario)} files)")
@@ -168,6 +193,8 @@ def compare(a: Path, b: Path) -> int:
                     problems.append(f"{scenario}/run.json differs in {differ}")
                 else:
                     same += 1
+            elif name in UNCOMPARED:
+                same += 1
             elif fa[name] != fb[name]:
                 problems.append(f"{scenario}/{name} differs")
             else:
