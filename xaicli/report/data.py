@@ -2,8 +2,8 @@
 rows (one per image; for several runs, the images they share), the columns (one per run, method
 and target rank) and, per cell, the thumbnail, the explained class and every number to sort by.
 
-The page's script gets :func:`grid_data` as JSON; the summary is rendered by the template from
-:func:`run_summary`. Paths in the data are relative to the report's folder (URLs, quoted).
+The page's script gets these as JSON (``build.grid_data``). Paths in the data are relative URLs
+from the report's folder (quoted), so the folder can move as a whole.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class RunView:
     folder: RunFolder
     name: str  # "A", "B", ... in a comparison; the folder's name alone
     input_root: Path | None  # where the originals are (None: not found)
-    thumbs: str  # the thumbnails' folder, relative to the report folder
+    thumbs: str  # its thumbnails' folder under report/thumbs/ ("overlays"; "run1", "run2", ... in a comparison)
     base: str = "."  # the run folder as a URL relative to the report folder
     originals: str | None = None  # the input folder as a URL relative to the report folder
 
