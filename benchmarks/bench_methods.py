@@ -59,11 +59,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from xaicli.config import TargetConfig, build_dataclass  # noqa: E402
-from xaicli.engine import Explainer, autocast_factory, signed_mode  # noqa: E402
+from xaicli.engine import Explainer, autocast_factory  # noqa: E402
 from xaicli.errors import XaiError  # noqa: E402
 from xaicli.layers import auto_layer, resolve_layer  # noqa: E402
 from xaicli.methods import MethodSpec, all_methods  # noqa: E402
-from xaicli.methods.base import Runner  # noqa: E402
+from xaicli.methods.batch import Runner  # noqa: E402
 from xaicli.render import normalize, to_input_size  # noqa: E402
 
 # Knobs of many-forward methods, matched on both sides. Keys are candidate field names of the
@@ -219,7 +219,7 @@ def xaicli_fn(ctx: Ctx, spec: MethodSpec, params: Any, precision: str, memory_fo
                     precision=precision)
     layer = resolve_layer(ctx.model, ctx.layer_name) if spec.needs_layer else None
     explainer = Explainer(ctx.model, [(spec, params)], layer, TargetConfig(), runner)
-    mode = signed_mode(spec, params)
+    mode, _ = spec.display(params)
     size = tuple(ctx.x.shape[-2:])
 
     def run() -> Tensor:

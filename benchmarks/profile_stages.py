@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from xaicli.config import apply_overrides, load_config  # noqa: E402
 from xaicli.data import decode_image, list_images  # noqa: E402
-from xaicli.engine import setup, signed_mode  # noqa: E402
+from xaicli.engine import setup  # noqa: E402
 from xaicli.outputs import atomic_write, encode_image  # noqa: E402
 from xaicli.render import colormap, normalize, overlay, place  # noqa: E402
 
@@ -101,7 +101,7 @@ def main() -> None:
             t = time.perf_counter()
             outs = []
             for mres in res.methods:
-                mode = signed_mode(mres.spec, mres.params)
+                mode, _ = mres.spec.display(mres.params)
                 norm = normalize(mres.maps[0], mode)
                 for i, img in enumerate(imgs):
                     h, w = int(img.shape[1]), int(img.shape[2])

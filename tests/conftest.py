@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -22,6 +23,22 @@ torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 @pytest.fixture
 def gap_net() -> GapNet:
     return GapNet().eval()
+
+
+# The peer libraries serve as references. Each reference test asks for its peer through one of these
+# fixtures, so a missing peer skips that test alone, never the invariant tests of its file.
+
+
+@pytest.fixture
+def pgc() -> ModuleType:
+    """pytorch-grad-cam; the test is skipped without it."""
+    return pytest.importorskip("pytorch_grad_cam")
+
+
+@pytest.fixture
+def captum_attr() -> ModuleType:
+    """captum.attr; the test is skipped without it."""
+    return pytest.importorskip("captum.attr")
 
 
 def write_images(folder: Path, n: int = 5, seed: int = 0, sizes: list[tuple[int, int]] | None = None) -> list[Path]:

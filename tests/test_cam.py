@@ -16,7 +16,7 @@ from xaicli.engine import Explainer
 from xaicli.errors import LayerError, MethodError
 from xaicli.layers import resolve_layer
 from xaicli.methods import get_method
-from xaicli.methods.base import Runner
+from xaicli.methods.batch import Runner
 from xaicli.methods.eigen import first_component
 
 CAMS = ["cam", "gradcam", "gradcampp", "hirescam", "xgradcam", "layercam", "eigencam"]
@@ -113,9 +113,6 @@ def test_eigencam_is_class_agnostic_and_sign_corrected(gap_net, x):
 
 # --- pytorch-grad-cam as the reference --------------------------------------------------------
 
-pgc = pytest.importorskip("pytorch_grad_cam")
-
-
 def pgc_normalise(ours: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """pytorch-grad-cam min-max normalises, resizes with cv2 and normalises again (aggregate)."""
     from pytorch_grad_cam.utils.image import scale_cam_image
@@ -134,7 +131,7 @@ REFS = {
 
 @pytest.mark.parametrize("method", list(REFS))
 @pytest.mark.parametrize("model_name", ["gapnet", "resnet18"])
-def test_matches_pytorch_grad_cam(method, model_name):
+def test_matches_pytorch_grad_cam(method, model_name, pgc):
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     torch.manual_seed(0)
@@ -156,6 +153,7 @@ def test_matches_pytorch_grad_cam(method, model_name):
     np.testing.assert_allclose(pgc_normalise(ours, size), ref, atol=tol, rtol=0)
 
 
+@pytest.mark.usefixtures("pgc")
 def test_eigencam_matches_pytorch_grad_cam(gap_net, x):
     from pytorch_grad_cam.utils.svd_on_activations import (
         get_2d_projection,
@@ -273,3 +271,29 @@ def test_bf16_autocast_gives_the_fp32_map(gap_net, x):
     assert bf16.dtype == torch.float32  # maps are computed in fp32 from the captured tensors
     corr = torch.corrcoef(torch.stack([fp32.flatten(), bf16.flatten()]))[0, 1]
     assert corr > 0.99
+
+
+def test_the_folder_run_checks_the_cam_head_once_at_setup(tiny_config, image_dir, tmp_path, monkeypatch):
+    """The dry run refuses a model without a GAP + linear head before any output; the batches of
+    a run then skip the check (it reads values back to the host)."""
+    from xaicli.config import load_config
+    from xaicli.errors import MethodError as Refused
+    from xaicli.methods import cam as cam_module
+    from xaicli.run import run_explain
+
+    bad = tiny_config("cam").read_text().replace("tests.nets:gap_net", "tests.nets:hidden_head_net")
+    (tmp_path / "bad.yaml").write_text(bad.replace("kwargs: {num_classes: 5}", ""))
+    with pytest.raises(Refused, match="not a linear function"):
+        run_explain(load_config(tmp_path / "bad.yaml"), image_dir, tmp_path / "refused")
+    assert not (tmp_path / "refused" / "scores.jsonl").exists()
+
+    seen: list[bool] = []
+    original = cam_module._head
+
+    def spy(batch):
+        seen.append(batch.checks)
+        return original(batch)
+
+    monkeypatch.setattr(cam_module, "_head", spy)
+    res = run_explain(load_config(tiny_config("cam")), image_dir, tmp_path / "ok")
+    assert res.exit_code == 0 and seen[0] is True and not any(seen[1:]) and len(seen) > 1

@@ -14,7 +14,7 @@ from xaicli.engine import Explainer
 from xaicli.errors import LayerError
 from xaicli.layers import resolve_layer
 from xaicli.methods import get_method
-from xaicli.methods.base import Runner
+from xaicli.methods.batch import Runner
 
 
 class Reuse(nn.Module):

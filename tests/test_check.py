@@ -143,8 +143,17 @@ def test_failed_images_count_and_fraction() -> None:
 def test_missing_things_fail_and_unknown_names_are_usage_errors() -> None:
     # Known metric, not switched on in this run: FAIL, never a silent pass.
     o = one({"name": "ins", "method": "gradcam", "metric": "insertion_auc", "at_least": 0.5})
-    assert not o.passed and o.measured is None and "insertion_auc is absent for gradcam" in o.detail
+    assert not o.passed and o.measured is None
+    assert o.detail.startswith("metric insertion_auc is not in the run: add `--metrics insertion` (or `metrics: "
+                               "[insertion]` in the config); present: ")
     assert "energy" in o.detail  # what is present
+    plain = [record("a.png", (1, "tabby"), entry("gradcam", 0.9, deletion_auc=0.2))]
+    o = one({"name": "iou", "method": "gradcam", "metric": "box_iou.0", "at_least": 0.5}, records=plain)
+    assert o.detail.startswith("metric box_iou.0 is not in the run: add `--metrics box_iou` with `--ground-truth PATH`")
+    nulls = [record("a.png", (1, "tabby"), entry("gradcam", 0.9, energy=None))]
+    o = one({"name": "en", "method": "gradcam", "metric": "energy", "at_least": 0.5}, records=nulls)
+    assert not o.passed and o.detail == ("metric energy has no value for gradcam: null in all 1 explanations "
+                                         "(no ground truth for these images?)")
     o = one({"name": "e", "method": "gradcam", "metric": "energy", "at_least": 0}, records=[RECORDS[3]])
     assert not o.passed and "none of the 1 images" in o.detail
     o = one({"name": "m", "method": "xgradcam", "metric": "energy", "at_least": 0})
@@ -233,7 +242,7 @@ def test_junit_xml_one_testcase_per_rule() -> None:
     assert cases["energy <cats>"].find("failure") is None
     fail = cases["no failures"].find("failure")
     assert fail is not None and fail.get("message") == "measured 1, expected <= 0"
-    assert "absent for gradcam" in (cases["absent"].find("failure").get("message") or "")  # type: ignore[union-attr]
+    assert "add `--metrics insertion`" in (cases["absent"].find("failure").get("message") or "")  # type: ignore[union-attr]
 
 
 # --------------------------------------------------------------------------------------------

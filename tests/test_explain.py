@@ -287,3 +287,59 @@ def test_methods_and_metrics_list_their_knobs(tiny_config):
     assert configured["deletion"]["forwards"] == 11
     table = xai("metrics").output
     assert "deletion_auc" in table and "box_iou" in table and "needs ground truth" in table
+
+
+def test_random_weights_are_asked_for_and_assumptions_are_said(tmp_path, image_dir, tiny_config):
+    """No trained weights: exit 2 unless `weights: random`; `null` runs with a warning that is
+    printed at the start and kept in run.json, as are the class names and preprocessing assumed."""
+    tv = tmp_path / "tv.yaml"
+    tv.write_text("model: {source: torchvision, name: resnet18}\nruntime: {device: cpu, workers: 0}\n")
+    r = xai("explain", image_dir, "-c", tv, "-o", tmp_path / "o1")
+    assert r.exit_code == 2 and "model.weights: not given" in r.output and "weights: random" in r.output
+    cfg = tiny_config()
+    cfg.write_text(cfg.read_text().replace("kwargs: {num_classes: 5}", "kwargs: {num_classes: 5}\n  weights: null"))
+    out = tmp_path / "o2"
+    r = xai("explain", image_dir, "-c", cfg, "-o", out)
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert text.count("warning: model.weights is null: the model runs with random weights") == 1
+    assert "warning: the model has no class names" in text
+    run = json.loads((out / "run.json").read_text())
+    assert run["warnings"][0].startswith("model.weights is null") and "no class names" in run["warnings"][1]
+    assert run["sources"]["weights"] == "random" and run["sources"]["labels"] == "none"
+    assert run["sources"]["preprocess"]["resize"] == "config" and run["model"].endswith("(random weights)")
+    r = xai("explain", image_dir, "-c", cfg, "-o", tmp_path / "o3", "--quiet")
+    assert "model.weights is null" in r.output  # a warning is not progress: --quiet keeps it
+
+
+def test_compare_without_metrics_says_how_to_get_them(tmp_path, image_dir, tiny_config):
+    out = tmp_path / "out"
+    assert xai("explain", image_dir, "-c", tiny_config(), "-o", out).exit_code == 0
+    r = xai("compare", out)
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "note: no metric values in this run" in text and "`--metrics deletion,insertion`" in text
+    result = json.loads(xai("compare", out, out, "--json").stdout)
+    assert result["columns"] == [] and "no metric values in these runs" in result["notes"][0]
+
+
+@pytest.mark.parametrize("command", ["methods", "metrics"])
+def test_listings_fit_80_columns_without_splitting_names(command):
+    """At an 80-column terminal every name stays on one line and no line is wider."""
+    from rich.console import Console
+
+    from xaicli.config import Config
+    from xaicli.listing import method_rows, methods_table, metric_rows, metrics_table
+
+    console = Console(width=80, record=True, force_terminal=True, color_system=None)
+    if command == "methods":
+        rows = method_rows(Config())
+        console.print(methods_table(rows, "xai methods"))
+    else:
+        rows = metric_rows(Config())
+        console.print(metrics_table(rows))
+    lines = console.export_text().splitlines()
+    assert max(len(ln) for ln in lines) <= 80
+    first_cells = [ln.split("│")[1].strip() for ln in lines if ln.startswith("│") and ln.split("│")[1].strip()]
+    assert [r["name"] for r in rows] == first_cells  # integrated_gradients whole, one name per row
+    assert sum(ln.count("knobs") for ln in lines) > len(rows)  # each row says its knobs (or "no knobs")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -20,17 +21,15 @@ from xaicli.engine import Explainer
 from xaicli.errors import ConfigError, MethodError
 from xaicli.layers import resolve_layer
 from xaicli.methods import get_method
-from xaicli.methods.base import Batch, PixelSpace, Runner
+from xaicli.methods.batch import Batch, PixelSpace, Runner
 from xaicli.methods.gradient import (
     IGParams,
     ig_baseline,
     input_gradients,
     integrated_attributions,
     quadrature,
-    relu_rule,
 )
-
-captum_attr = pytest.importorskip("captum.attr")
+from xaicli.methods.relu_rules import relu_rule
 
 MEAN = (0.5, 0.4, 0.3)
 STD = (0.25, 0.2, 0.3)
@@ -110,7 +109,7 @@ class LinearConvNet(nn.Module):
 # Against Captum
 
 
-def test_saliency_matches_captum() -> None:
+def test_saliency_matches_captum(captum_attr: ModuleType) -> None:
     model, x = PlainNet().eval(), inputs()
     batch, m_abs, _ = batch_of(model, x, "saliency")
     t = batch.targets
@@ -128,7 +127,9 @@ def test_saliency_matches_captum() -> None:
     ("deconvnet", "deconvnet", "Deconvolution"),
 ])
 @pytest.mark.parametrize("net", ["plain", "gap_inplace"])
-def test_relu_rules_match_captum(method: str, rule: str, captum_cls: str, net: str) -> None:
+def test_relu_rules_match_captum(
+    method: str, rule: str, captum_cls: str, net: str, captum_attr: ModuleType
+) -> None:
     model = (PlainNet() if net == "plain" else GapNet()).eval()
     x = inputs()
     batch, m, _ = batch_of(model, x, method, {"render": "diverging"})
@@ -142,7 +143,7 @@ def test_relu_rules_match_captum(method: str, rule: str, captum_cls: str, net: s
     assert (ours - batch.runner.input_gradients(x, batch.targets)[0]).abs().max() > 1e-3 * ref.abs().max()
 
 
-def test_guided_gradcam_matches_captum_bilinear() -> None:
+def test_guided_gradcam_matches_captum_bilinear(captum_attr: ModuleType) -> None:
     model, x = GapNet().eval(), inputs()
     batch, m, _ = batch_of(model, x, "guided_gradcam", {"render": "diverging"}, layer="features")
     with warnings.catch_warnings():
@@ -156,7 +157,7 @@ def test_guided_gradcam_matches_captum_bilinear() -> None:
 
 
 @pytest.mark.parametrize("rule", ["gausslegendre", "riemann_trapezoid", "riemann_middle"])
-def test_integrated_gradients_matches_captum(rule: str) -> None:
+def test_integrated_gradients_matches_captum(rule: str, captum_attr: ModuleType) -> None:
     model, x = PlainNet().eval(), inputs(3)
     steps = 20
     batch, m, extras = batch_of(model, x, "integrated_gradients", {"steps": steps, "rule": rule}, budget=16)
@@ -300,7 +301,7 @@ def test_shared_inplace_relu_module_gets_the_rule_at_every_call() -> None:
         close(a, b, 1e-6)
 
 
-def test_guided_backprop_on_torchvision_resnet18() -> None:
+def test_guided_backprop_on_torchvision_resnet18(captum_attr: ModuleType) -> None:
     tv = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = tv.models.resnet18(weights=None, num_classes=7).eval()

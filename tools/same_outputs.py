@@ -171,6 +171,9 @@ def _compare_run_json(ra: dict, rb: dict) -> tuple[list[str], list[str]]:
 
 
 def compare(a: Path, b: Path) -> int:
+    """Exit 0 when B holds A's outputs. run.json keys that only B has (a change that adds fields;
+    nested ones too, e.g. ``methods.[].style``) are listed as added, not counted as differences; a
+    key B lacks or changes is a difference."""
     problems = []
     notes = set()
     for scenario in SCENARIOS:

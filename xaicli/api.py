@@ -11,7 +11,7 @@ from .config import TargetConfig, parse_target
 from .engine import Explainer, autocast_factory
 from .layers import auto_layer, resolve_layer
 from .methods import get_method
-from .methods.base import PixelSpace, Runner
+from .methods.batch import PixelSpace, Runner
 from .plan import method_params
 
 

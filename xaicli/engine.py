@@ -20,12 +20,13 @@ from .config import Config, TargetConfig
 from .errors import ConfigError, MethodError, suggest
 from .layers import LayerRef, auto_layer, resolve_layer
 from .methods import MethodSpec
-from .methods.base import Batch, MethodOutput, PixelSpace, Runner
+from .methods.batch import Batch, MethodOutput, PixelSpace, Runner
 from .metrics import MetricSpec
 from .metrics.ground_truth import GroundTruth, load_ground_truth
 from .models import LoadedModel, build_model
 from .plan import Plan, prepare, resolve_plan
 from .render import reduce_channels
+from .targets import ImageTargets, load_image_targets
 
 # --------------------------------------------------------------------------------------------
 # Device and precision
@@ -74,13 +75,6 @@ class BatchResult:
     batches: list[Batch] = field(default_factory=list)  # per target rank, what the methods saw (for metrics)
 
 
-def signed_mode(spec: MethodSpec, params: Any) -> str | None:
-    """How a map is scaled for display and metrics: None (unsigned), or the method's ``render``."""
-    if not spec.signed:
-        return None
-    return getattr(params, "render", "diverging")
-
-
 class Explainer:
     """Tensors in, raw maps out: the shared pass and every method for one batch, on the device."""
 
@@ -93,7 +87,9 @@ class Explainer:
         runner: Runner,
         keep_batches: bool = False,
         pixels: PixelSpace | None = None,
+        on_method: Callable[[str], None] | None = None,
     ) -> None:
+        self.on_method = on_method  # told each method's name as it starts on a batch (progress)
         self.model = model
         self.pixels = pixels or PixelSpace()
         self.methods = methods
@@ -103,12 +99,15 @@ class Explainer:
         self.keep_batches = keep_batches
         self.need_layer = any(s.needs_layer for s, _ in methods)
         self.grad_of = {s.grad_of for s, _ in methods} - {"none"}
+        self.checks = True  # the methods' host-side consistency checks on every batch (see Batch.checks)
         if self.need_layer and layer is None:
             raise ConfigError("target_layer: the chosen methods need a target layer")
 
     def targets_for(self, logits: Tensor) -> Tensor:
         t = self.target
         b = logits.shape[0]
+        if t.per_image:
+            raise ConfigError(f"target: {t.describe()} gives a class per image file; pass the classes as targets=")
         if t.mode == "topk":
             return logits.topk(min(t.k, logits.shape[1]), dim=1).indices
         if t.mode == "index":
@@ -116,12 +115,16 @@ class Explainer:
             return torch.full((b, 1), t.index, dtype=torch.long, device=logits.device)
         return logits.argmax(1, keepdim=True)
 
-    def __call__(self, x: Tensor, seeds: Tensor | None = None, targets: Tensor | None = None) -> BatchResult:
+    def __call__(self, x: Tensor, seeds: Tensor | None = None,
+                 targets: Tensor | Callable[[Tensor], Tensor] | None = None) -> BatchResult:
         """Every method's raw maps for the batch ``x``. ``targets``: the classes to explain, (B,)
-        or (B, K) for K target ranks; None: as the Explainer's target says (the prediction,
+        or (B, K) for K target ranks, or a function of the logits (B, N) giving them (e.g. the
+        prediction beside a known class); None: as the Explainer's target says (the prediction,
         a fixed class or the top-k)."""
         cap = forward(self.model, self.runner.prepare(x), self.layer if self.need_layer else None,
                       frozenset(self.grad_of), self.runner.autocast)
+        if callable(targets):
+            targets = targets(cap.logits.detach())
         if targets is None:
             targets = self.targets_for(cap.logits)
         elif targets.dim() == 1:
@@ -137,9 +140,11 @@ class Explainer:
                 batch = Batch(
                     x=x.detach(), targets=t, logits=cap.logits, runner=self.runner, layer=self.layer,
                     activations=cap.activations, gradients=grads, input_grad=input_grad, seeds=seeds,
-                    pixels=self.pixels,
+                    pixels=self.pixels, checks=self.checks,
                 )
                 for res in results:
+                    if self.on_method is not None:
+                        self.on_method(res.spec.name)
                     self._dispatch(res, batch)
                 if self.keep_batches:
                     kept.append(batch)
@@ -151,8 +156,8 @@ class Explainer:
     def _dispatch(res: MethodResult, batch: Batch) -> None:
         out = res.spec.fn(batch, res.params)
         m, extras = (out.map, out.extras) if isinstance(out, MethodOutput) else (out, {})
-        reduce = getattr(res.params, "reduce", "max_abs" if not res.spec.signed else "sum")
-        res.maps.append(reduce_channels(m.float(), reduce))
+        _, reduce = res.spec.display(res.params)
+        res.maps.append(reduce_channels(m.float(), reduce))  # pixel maps (B, C, H, W): the one reduction
         res.extras.append(extras)
 
 
@@ -174,11 +179,29 @@ class Setup:
     metrics: list[tuple[MetricSpec, Any]]
     runner: Runner
     ground_truth: GroundTruth | None = None  # for the localization metrics
+    image_targets: ImageTargets | None = None  # target: a file or folder of per-image classes
 
-    def explainer(self, keep_batches: bool = False) -> Explainer:
+    @property
+    def warnings(self) -> list[str]:
+        """What the user should know before trusting the maps: random weights asked for with
+        ``null``, class names or preprocessing that had to be assumed (printed at the start of a run)."""
+        return [*self.cfg.warnings, *self.loaded.notes]
+
+    def explainer(self, keep_batches: bool = False, on_method: Callable[[str], None] | None = None) -> Explainer:
+        """The Explainer of the run. Setup's dry run did the methods' host-side checks once, so
+        batches skip them (no sync per batch for them on a GPU)."""
         pre = self.loaded.preprocess
-        return Explainer(self.model, self.methods, self.layer, self.target, self.runner, keep_batches,
-                         pixels=PixelSpace(tuple(pre.mean), tuple(pre.std)))
+        explainer = Explainer(self.model, self.methods, self.layer, self.target, self.runner, keep_batches,
+                              pixels=PixelSpace(tuple(pre.mean), tuple(pre.std)), on_method=on_method)
+        explainer.checks = False
+        return explainer
+
+    @property
+    def target_ranks(self) -> int:
+        """Maps per image and method: k for top-k targets, 2 for the prediction beside a per-image class."""
+        if self.target.mode == "topk":
+            return min(self.target.k, self.n_classes)
+        return 2 if self.target.also_predicted else 1
 
 
 def resolve_target(target: TargetConfig, labels: list[str] | None, n_classes: int) -> TargetConfig:
@@ -199,6 +222,8 @@ def resolve_target(target: TargetConfig, labels: list[str] | None, n_classes: in
         assert target.index is not None
         if target.index >= n_classes:
             raise ConfigError(f"target: class index {target.index} out of range (the model has {n_classes} classes)")
+    if target.per_image:
+        return target  # each image's class is checked against the model by targets.load_image_targets
     if target.mode == "topk" and target.k > n_classes:
         raise ConfigError(f"target: top{target.k} but the model has only {n_classes} classes")
     return target
@@ -245,6 +270,7 @@ def setup(cfg: Config | Plan, device: torch.device | None = None) -> Setup:
             "give a labels file with one name per output",
         )
     target = resolve_target(cfg.target, loaded.labels, n_classes)
+    image_targets = load_image_targets(target, loaded.labels, n_classes)
     runner = Runner(
         model=model,
         budget=cfg.runtime.batch_size,
@@ -253,7 +279,7 @@ def setup(cfg: Config | Plan, device: torch.device | None = None) -> Setup:
         precision=cfg.runtime.precision,
     )
     st = Setup(cfg, device, loaded, model, layer, layer_shape, n_classes, target, methods, metrics, runner,
-               ground_truth)
+               ground_truth, image_targets)
     _dry_run(st)
     return st
 

@@ -80,8 +80,8 @@ def methods_table(rows: list[dict[str, Any]], title: str) -> Any:
 
     table = Table(title=title, show_lines=True)
     table.add_column("name", no_wrap=True)
-    table.add_column("family, map", max_width=13)
-    table.add_column("passes / image", max_width=14)
+    # Family, map and passes share one narrow column, so that 80 columns leave the description room.
+    table.add_column("kind; passes / image", max_width=14)
     table.add_column("what it does; knobs (as configured)", overflow="fold")
     for r in rows:
         kind = f"{r['family']}\n{r['space']}{', signed' if r['signed'] else ''}"
@@ -89,7 +89,7 @@ def methods_table(rows: list[dict[str, Any]], title: str) -> Any:
         text = r["summary"]
         if r["aliases"]:
             text += f"\n[dim]aliases: {', '.join(r['aliases'])}[/]"
-        table.add_row(r["name"], kind, r["passes"], text + "\n" + _knob_text(r["knobs"]))
+        table.add_row(r["name"], f"{kind}\n[bold]{r['passes']}[/]", text + "\n" + _knob_text(r["knobs"]))
     return table
 
 

@@ -13,14 +13,14 @@ import importlib
 import importlib.util
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .config import ModelConfig, PreprocessConfig
+from .config import RANDOM_WEIGHTS, ModelConfig, PreprocessConfig
 from .errors import ConfigError, ModelError, suggest
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
@@ -33,6 +33,11 @@ class LoadedModel:
     labels: list[str] | None
     preprocess: Preprocess
     description: str  # e.g. "torchvision resnet50 (IMAGENET1K_V2)"
+    # Where the weights, the class names and each preprocessing value came from (run.json "sources").
+    sources: dict[str, Any] = field(default_factory=dict)
+    # What had to be assumed (no class names, ImageNet's preprocessing for want of any other):
+    # printed once at the start of a run and kept in run.json's "warnings".
+    notes: list[str] = field(default_factory=list)
 
     def label(self, index: int) -> str:
         if self.labels is not None and 0 <= index < len(self.labels):
@@ -68,23 +73,24 @@ def resolve_path(spec: str, what: str = "file") -> Path:
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 
 
-def load_state_dict(spec: str, key: str | None = None) -> dict[str, torch.Tensor]:
+def load_state_dict(spec: str, key: str | None = None, what: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Read a state dict safely: ``weights_only=True``; unwrap {'state_dict': ...} style files;
-    strip DataParallel's ``module.`` and torch.compile's ``_orig_mod.`` prefixes."""
-    path = resolve_path(spec, "checkpoint")
+    strip DataParallel's ``module.`` and torch.compile's ``_orig_mod.`` prefixes. ``what`` names
+    the file in errors as the user wrote it (``model.weights``, ``model.checkpoint``)."""
+    path = resolve_path(spec, what)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelError(
-            f"checkpoint {path}: cannot be read as plain weights ({msg})",
+            f"{what} {path}: cannot be read as plain weights ({msg})",
             "xaicli loads checkpoints with torch.load(weights_only=True) and refuses pickled code; "
             "save them with torch.save(model.state_dict(), path)",
         ) from None
     if key is not None:
         if not isinstance(obj, Mapping) or key not in obj:
             keys = list(obj) if isinstance(obj, Mapping) else []
-            raise ModelError(f"checkpoint {path}: no key {key!r}", suggest(key, [str(k) for k in keys]))
+            raise ModelError(f"{what} {path}: no key {key!r}", suggest(key, [str(k) for k in keys]))
         obj = obj[key]
     elif isinstance(obj, Mapping):
         for k in _WRAPPER_KEYS:
@@ -93,7 +99,7 @@ def load_state_dict(spec: str, key: str | None = None) -> dict[str, torch.Tensor
                 break
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelError(
-            f"checkpoint {path}: not a state dict (a mapping of names to tensors)",
+            f"{what} {path}: not a state dict (a mapping of names to tensors)",
             "set model.checkpoint_key to the entry holding the weights",
         )
     out = {}
@@ -152,7 +158,27 @@ def _looks_like_path(s: str) -> bool:
     return s.startswith(PKG_PREFIX) or "/" in s or os.sep in s or s.endswith((".pth", ".pt", ".bin", ".ckpt"))
 
 
-def _torchvision(cfg: ModelConfig) -> tuple[nn.Module, list[str] | None, dict[str, Any], str]:
+def _state_file(cfg: ModelConfig) -> tuple[str, str] | None:
+    """The state-dict file the config names and the key it was written under (errors say that
+    key): a path in ``model.weights`` or ``model.checkpoint``."""
+    if cfg.weights is not None and _looks_like_path(cfg.weights):
+        return cfg.weights, "model.weights"
+    if cfg.checkpoint:
+        return cfg.checkpoint, "model.checkpoint"
+    return None
+
+
+def _no_weights(cfg: ModelConfig) -> ConfigError:
+    return ConfigError(
+        f"model.weights: not given, so {cfg.source} {cfg.name} would run with random weights and its maps would "
+        "explain an untrained network",
+        "give trained weights (" + ("a weights name such as DEFAULT or IMAGENET1K_V1, or " if cfg.source == "torchvision"
+                                    else "") + "a state-dict path), or `weights: random` to explain the untrained model",
+    )
+
+
+def _torchvision(cfg: ModelConfig) -> tuple[nn.Module, list[str] | None, dict[str, Any], str, str]:
+    """(model, labels, preprocessing of the weights, description, where the weights came from)."""
     import torchvision.models as tvm
 
     assert cfg.name
@@ -160,18 +186,17 @@ def _torchvision(cfg: ModelConfig) -> tuple[nn.Module, list[str] | None, dict[st
     if cfg.name not in names:
         raise ConfigError(f"model.name: unknown torchvision model {cfg.name!r}", suggest(cfg.name, names))
     weights = None
-    checkpoint = cfg.checkpoint
-    if cfg.weights is not None:
-        if _looks_like_path(cfg.weights):
-            checkpoint = cfg.weights
-        else:
-            enum = tvm.get_model_weights(cfg.name)
-            members = list(enum.__members__)
-            if cfg.weights not in members:
-                raise ConfigError(
-                    f"model.weights: {cfg.name} has no weights {cfg.weights!r}", suggest(cfg.weights, members)
-                )
-            weights = enum[cfg.weights]
+    file = _state_file(cfg)
+    if cfg.weights is not None and cfg.weights != RANDOM_WEIGHTS and file is None:
+        enum = tvm.get_model_weights(cfg.name)
+        members = list(enum.__members__)
+        if cfg.weights not in members:
+            raise ConfigError(
+                f"model.weights: {cfg.name} has no weights {cfg.weights!r}", suggest(cfg.weights, [*members, RANDOM_WEIGHTS])
+            )
+        weights = enum[cfg.weights]
+    if file is None and weights is None and cfg.weights != RANDOM_WEIGHTS:
+        raise _no_weights(cfg)
     kwargs = dict(cfg.kwargs)
     if weights is not None and "num_classes" not in kwargs:
         kwargs["num_classes"] = len(weights.meta["categories"])
@@ -180,14 +205,17 @@ def _torchvision(cfg: ModelConfig) -> tuple[nn.Module, list[str] | None, dict[st
     except TypeError as e:
         raise ConfigError(f"model.kwargs: {cfg.name} rejects {kwargs}: {e}") from None
     desc = f"torchvision {cfg.name}"
-    if checkpoint is not None:
-        apply_state_dict(model, load_state_dict(checkpoint, cfg.checkpoint_key), checkpoint)
-        desc += f" ({checkpoint})"
+    if file is not None:
+        apply_state_dict(model, load_state_dict(file[0], cfg.checkpoint_key, file[1]), file[0])
+        desc += f" ({file[0]})"
+        origin = f"{file[1]}: {file[0]}"
     elif weights is not None:
         apply_state_dict(model, _hub_weights(weights), str(weights))
         desc += f" ({weights})"
+        origin = f"torchvision weights {weights}"
     else:
         desc += " (random weights)"
+        origin = "random"
     labels, pre = None, {}
     if weights is not None:
         labels = list(weights.meta["categories"])
@@ -199,7 +227,7 @@ def _torchvision(cfg: ModelConfig) -> tuple[nn.Module, list[str] | None, dict[st
             "std": tuple(getattr(t, "std", IMAGENET_STD)),
             "interpolation": getattr(getattr(t, "interpolation", None), "value", "bilinear"),
         }
-    return model, labels, pre, desc
+    return model, labels, pre, desc, origin
 
 
 def _first(v: Any) -> Any:
@@ -277,27 +305,87 @@ def _timm(cfg: ModelConfig) -> tuple[nn.Module, dict[str, Any], str]:
     return model, pre, f"timm {cfg.name}"
 
 
+def _other_weights(cfg: ModelConfig, model: nn.Module, desc: str) -> tuple[str, str]:
+    """timm and factory models: a state-dict file, random weights (asked for), or the factory's
+    own. Returns (description, where the weights came from)."""
+    file = _state_file(cfg)
+    if cfg.weights is not None and cfg.weights != RANDOM_WEIGHTS and file is None:
+        raise ConfigError(
+            f"model.weights: {cfg.weights!r} is a torchvision weights name; for source {cfg.source!r} give "
+            f"a checkpoint path (model.checkpoint) or {RANDOM_WEIGHTS!r}"
+        )
+    if file is not None:
+        apply_state_dict(model, load_state_dict(file[0], cfg.checkpoint_key, file[1]), file[0])
+        return desc + f" ({file[0]})", f"{file[1]}: {file[0]}"
+    if cfg.weights == RANDOM_WEIGHTS:
+        return desc + " (random weights)", "random"
+    if cfg.source == "timm":  # created with pretrained=False: nothing but random weights
+        raise _no_weights(cfg)
+    return desc, f"as {cfg.factory} returns them (no checkpoint)"
+
+
+PREPROCESS_FIELDS = ("resize", "crop", "mean", "std", "interpolation")
+
+
+def _preprocess_sources(cfg: PreprocessConfig, from_model: dict[str, Any], model_origin: str,
+                        resolved: Preprocess) -> dict[str, str]:
+    """Where each preprocessing value came from: the config, the model's weights (or timm's data
+    config), ``assumed`` (xaicli's ImageNet fallback), or ``none`` (no crop)."""
+    out = {}
+    for key in PREPROCESS_FIELDS:
+        if getattr(resolved, key) is None:
+            out[key] = "none"
+        elif getattr(cfg, key) is not None:
+            out[key] = "config"
+        elif from_model.get(key) is not None:
+            out[key] = model_origin
+        else:
+            out[key] = "assumed"
+    return out
+
+
+def _size_text(v: int | tuple[int, ...] | None) -> str:
+    return str(v) if isinstance(v, int) else "x".join(map(str, v or ()))
+
+
+def _assumption_notes(labels: list[str] | None, pre: Preprocess, sources: dict[str, str]) -> list[str]:
+    """What a run must say at its start because nothing told xaicli: no class names, ImageNet's
+    preprocessing taken for want of any other."""
+    notes = []
+    if labels is None:
+        notes.append("the model has no class names: classes are shown as 'class N' "
+                     "(set model.labels to `imagenet` or a file with one name per line)")
+    assumed = [k for k in ("resize", "crop", "mean", "std") if sources.get(k) == "assumed"]
+    if assumed:
+        values = {"resize": _size_text(pre.resize), "crop": _size_text(pre.crop), "mean": list(pre.mean),
+                  "std": list(pre.std)}
+        notes.append("preprocessing assumed (neither the config nor the weights give it): "
+                     + ", ".join(f"{k} {values[k]}" for k in assumed)
+                     + " (ImageNet's recipe; set `preprocess:` in the config if the model was trained otherwise)")
+    return notes
+
+
 def build_model(cfg: ModelConfig, preprocess: PreprocessConfig) -> LoadedModel:
-    """Build the model in eval mode on the CPU, with its labels and resolved preprocessing."""
+    """Build the model in eval mode on the CPU, with its labels and resolved preprocessing, and
+    say where each came from (``sources``) and what had to be assumed (``notes``)."""
     labels: list[str] | None = None
     pre: dict[str, Any] = {}
     if cfg.source == "torchvision":
-        model, labels, pre, desc = _torchvision(cfg)
+        model, labels, pre, desc, origin = _torchvision(cfg)
+        model_pre = "weights"
     else:
         if cfg.source == "factory":
             model, desc = _factory(cfg)
         else:
             model, pre, desc = _timm(cfg)
-        if cfg.weights is not None and not _looks_like_path(cfg.weights):
-            raise ConfigError(
-                f"model.weights: {cfg.weights!r} is a torchvision weights name; for source {cfg.source!r} give "
-                "a checkpoint path (model.checkpoint)"
-            )
-        spec = cfg.checkpoint or cfg.weights
-        if spec:
-            apply_state_dict(model, load_state_dict(spec, cfg.checkpoint_key), spec)
-            desc += f" ({spec})"
+        desc, origin = _other_weights(cfg, model, desc)
+        model_pre = "timm data config"
+    labels_origin = "weights" if labels is not None else "none"
     if cfg.labels is not None:
         labels = load_labels(cfg.labels)
+        labels_origin = f"model.labels: {cfg.labels}"
     model.eval()
-    return LoadedModel(model, labels, Preprocess.resolve(preprocess, pre), desc)
+    resolved = Preprocess.resolve(preprocess, pre)
+    pre_sources = _preprocess_sources(preprocess, pre, model_pre, resolved)
+    sources = {"weights": origin, "labels": labels_origin, "preprocess": pre_sources}
+    return LoadedModel(model, labels, resolved, desc, sources, _assumption_notes(labels, resolved, pre_sources))

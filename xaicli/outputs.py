@@ -195,17 +195,6 @@ def read_scores(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def finalize_scores(path: Path) -> int:
-    """Rewrite scores.jsonl sorted by path (one line per path, the last wins): a deterministic file
-    whatever order the writer threads finished in. Returns the number of lines."""
-    records: dict[str, dict[str, Any]] = {}
-    for r in read_scores(path):
-        records[r["path"]] = r
-    lines = [dumps_line(records[k]) + "\n" for k in sorted(records)]
-    atomic_write(path, "".join(lines).encode())
-    return len(lines)
-
-
 FileJob = tuple[Path, Callable[[], bytes]]
 
 

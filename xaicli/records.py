@@ -39,11 +39,17 @@ class Prediction(TypedDict):
     prob: float
 
 
-class Target(TypedDict):
+class _TargetFields(TypedDict):
     index: int
     label: str
     prob: float
     rank: int  # 1 = the prediction
+
+
+class Target(_TargetFields, total=False):
+    # Per-image targets only (target: a file, folder, or predicted beside one): which source gave
+    # the class: "predicted", "file" or "folder".
+    source: str
 
 
 class MapStats(TypedDict):
@@ -173,6 +179,8 @@ class RunManifest(TypedDict, total=False):
     output: str
     config: dict[str, Any]  # the resolved config
     model: str
+    sources: dict[str, Any]  # where the weights, class names and each preprocessing value came from
+    warnings: list[str]  # what the run printed at its start: random weights, assumed labels or preprocessing
     n_classes: int
     layer: str | None
     layer_shape: list[int] | None

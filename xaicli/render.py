@@ -22,7 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-SignedMode = Literal["diverging", "magnitude", "positive"]
+# How a signed map is shown: its sign kept (a diverging colormap), its magnitude, or its positive part.
+Render = Literal["diverging", "magnitude", "positive"]
+# How a pixel map (B, C, H, W) becomes one value per pixel.
+ChannelReduce = Literal["max_abs", "sum", "mean", "l2"]
+# How a colour is laid over the photo: a constant alpha, or an alpha that grows with |map| (Style).
 Blend = Literal["alpha", "heat"]
 
 
@@ -108,7 +112,7 @@ def colormap(name: str, device: torch.device) -> Tensor:
     return _LUTS[key]
 
 
-def reduce_channels(m: Tensor, how: str = "max_abs") -> Tensor:
+def reduce_channels(m: Tensor, how: ChannelReduce = "max_abs") -> Tensor:
     """(B, C, H, W) pixel maps -> (B, H, W); (B, H, W) passes through."""
     if m.dim() == 3:
         return m
@@ -123,7 +127,7 @@ def reduce_channels(m: Tensor, how: str = "max_abs") -> Tensor:
     raise ValueError(f"unknown channel reduction {how!r}")
 
 
-def normalize(m: Tensor, signed: SignedMode | None = None) -> Tensor:
+def normalize(m: Tensor, signed: Render | None = None) -> Tensor:
     """Per-image scaling of (B, H, W) maps: unsigned -> [0, 1] by min-max; ``diverging`` -> [-1, 1]
     by the largest magnitude; ``magnitude`` -> |m| / max|m|; ``positive`` -> max(m, 0) / max.
     A constant map becomes all zeros (nothing to show), never NaN."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -30,11 +31,11 @@ from torch import Tensor
 
 from . import records
 from .annotate import Caption, Legend, annotate, lut_array
-from .config import Config
+from .config import Config, TargetConfig
 from .data import ImageEntry, ImageFolder, ListedImages, LoadedBatch, collate, list_images, worker_init
-from .engine import BatchResult, MethodResult, Setup, select_device, setup, signed_mode
+from .engine import BatchResult, MethodResult, Setup, select_device, setup
 from .errors import EXIT_OK, EXIT_PARTIAL, ConfigError, InputError, MethodError
-from .methods.base import Batch, is_oom, split_on_oom, stable_seed
+from .methods.batch import Batch, is_oom, split_on_oom, stable_seed
 from .metrics.context import MetricContext
 from .metrics.ground_truth import build_context
 from .outputs import ScoresFile, Writer, encode_image, encode_npy, map_file, overlay_file, prepare_out_dir
@@ -59,12 +60,22 @@ class RunRequest:
 
 
 class ProgressHook(Protocol):
+    """What a run tells its display (xaicli/progress.py). Besides these, the run calls the
+    following when the object has them, for progress inside a batch: ``plan(steps, ranks)`` once
+    (method, runner passes per image and target or None, exact?), ``batch(size)`` as a batch
+    starts, ``method(name)`` as a method starts on it, ``passes(n)`` after each chunk of inputs
+    the engine's Runner sends through the model."""
+
+    def warn(self, message: str) -> None: ...
     def start(self, total: int, description: str) -> None: ...
     def advance(self, n: int) -> None: ...
     def finish(self) -> None: ...
 
 
 class _NoProgress:
+    def warn(self, message: str) -> None:
+        pass
+
     def start(self, total: int, description: str) -> None:
         pass
 
@@ -73,6 +84,30 @@ class _NoProgress:
 
     def finish(self) -> None:
         pass
+
+
+def _hook(progress: Any, name: str) -> Callable[..., None]:
+    """An optional hook of ``progress`` (see ProgressHook), or one that does nothing."""
+    fn = getattr(progress, name, None)
+    return fn if callable(fn) else (lambda *args: None)
+
+
+_QUOTED = re.compile(r"^(\d+) \((\d+)[×x](\d+) input\)$")
+
+
+def _passes_per_image(spec: Any, params: Any, channels: int | None, size: tuple[int, int]) -> tuple[int | None, bool]:
+    """Passes a method sends through the Runner per image and target (its forwards less the shared
+    one), and whether that is exact. A count the registry quotes for another input size (occlusion's
+    windows) is scaled by the input's area, an estimate the display replaces by what the first
+    batch took."""
+    forwards = spec.cost(params, channels)[0]
+    if isinstance(forwards, int):
+        return max(0, forwards - 1), True
+    m = _QUOTED.match(str(forwards))
+    if m is None:
+        return None, False
+    n, qh, qw = (int(g) for g in m.groups())
+    return max(0, round((n - 1) * size[0] * size[1] / (qh * qw))), False
 
 
 @dataclass
@@ -126,6 +161,7 @@ class RunContext:
     writer: Writer
     palette: Palette
     explainer: Any  # engine.Explainer
+    targets: dict[str, int] | None = None  # per-image targets (file or folder): image rel path -> class
     styles: Mapping[str, Style] = field(default_factory=dict)  # method name -> how its maps are drawn
     legends: Mapping[str, Legend] = field(default_factory=dict)  # method name -> its caption's colour bar
 
@@ -204,9 +240,13 @@ def _run(req: RunRequest, plan: Plan, layout: Layout, listed: ListedImages, prog
     cfg = req.cfg
     st = setup(plan, layout.device(select_device(cfg.runtime.device)))
     clock.load_s = time.perf_counter() - clock.t0
+    if layout.is_main:  # once per run, not once per torchrun rank
+        for message in st.warnings:
+            progress.warn(message)
     entries = layout.select(listed.entries)
     done = layout.done() if req.resume else {}
     todo = [e for e in entries if e.rel not in done]
+    targets, no_target = _image_targets(st, todo)
     tally = _Tally()
     scores = ScoresFile(layout.scores_path)
     threads = max(2, min(8, (os.cpu_count() or 2)))
@@ -214,12 +254,14 @@ def _run(req: RunRequest, plan: Plan, layout: Layout, listed: ListedImages, prog
     o = cfg.output
     ctx = RunContext(st, req.out, records.output_names([e.rel for e in listed.entries]), writer,
                      Palette.of(o.colormap, o.diverging_colormap, o.alpha, st.device),
-                     st.explainer(keep_batches=bool(st.metrics)), plan.styles, _legends(st, plan.styles))
+                     st.explainer(keep_batches=bool(st.metrics), on_method=_hook(progress, "method")), targets,
+                     plan.styles, _legends(st, plan.styles))
+    st.runner.on_pass = _hook(progress, "passes")
     if st.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(st.device)
     clock.t_run = time.perf_counter()
     try:
-        _explain_images(ctx, todo, progress)
+        _explain_images(ctx, todo, progress, no_target)
     finally:
         writer.close()
         scores.close()
@@ -245,7 +287,7 @@ def _legends(st: Setup, styles: Mapping[str, Style]) -> dict[str, Legend]:
     o = st.cfg.output
     out = {}
     for spec, params in st.methods:
-        mode = signed_mode(spec, params)
+        mode, _ = spec.display(params)
         style = styles.get(spec.name, Style())
         lut = lut_array(o.diverging_colormap if mode == "diverging" else o.colormap)
         out[spec.name] = Legend.of(lut, mode, style.blend, o.alpha, style.clip)
@@ -268,6 +310,8 @@ def _manifest(req: RunRequest, st: Setup, layout: Layout, counts: dict[str, int]
         "output": str(req.out),
         "config": req.cfg.to_dict(),
         "model": st.loaded.description,
+        "sources": st.loaded.sources,
+        "warnings": st.warnings,
         "n_classes": st.n_classes,
         "layer": st.layer.spec if st.layer else None,
         "layer_shape": list(st.layer_shape) if st.layer_shape else None,
@@ -327,17 +371,46 @@ def _loader(todo: list[ImageEntry], st: Setup) -> torch.utils.data.DataLoader[Lo
     )
 
 
-def _explain_images(ctx: RunContext, todo: list[ImageEntry], progress: ProgressHook) -> None:
+def _image_targets(st: Setup, todo: list[ImageEntry]) -> tuple[dict[str, int] | None, dict[str, str]]:
+    """Per-image targets (target: a file or folder): image -> class for the images that have one,
+    and image -> why not for the others (they get error records and are not loaded)."""
+    if st.image_targets is None:
+        return None, {}
+    found: dict[str, int] = {}
+    missing: dict[str, str] = {}
+    for e in todo:
+        t = st.image_targets.resolve(e.rel, e.path)
+        if isinstance(t, int):
+            found[e.rel] = t
+        else:
+            missing[e.rel] = t
+    return found, missing
+
+
+def _explain_images(ctx: RunContext, todo: list[ImageEntry], progress: ProgressHook,
+                    no_target: dict[str, str] | None = None) -> None:
     """Every image of ``todo``, batch by batch; a batch that runs out of device memory is split
-    in halves (and the run keeps the smaller size)."""
-    cfg = ctx.st.cfg
-    loader = _loader(todo, ctx.st)
-    progress.start(len(todo), f"{'+'.join(cfg.method)} on {len(todo)} images")
-    chunk = cfg.runtime.batch_size  # lowered for the rest of the run after an out-of-memory split
+    in halves (and the run keeps the smaller size). Images in ``no_target`` (rel -> why) get an
+    error record and are not loaded."""
+    st = ctx.st
+    progress.start(len(todo), f"{'+'.join(st.cfg.method)} on {len(todo)} images")
+    channels = st.layer_shape[0] if st.layer_shape else None
+    size = st.loaded.preprocess.input_size
+    _hook(progress, "plan")([(s.name, *_passes_per_image(s, p, channels, size)) for s, p in st.methods],
+                            st.target_ranks)
+    new_batch = _hook(progress, "batch")
+    if no_target:
+        for rel, why in no_target.items():
+            ctx.writer.submit(records.error_record(rel, "target", why), [])
+        progress.advance(len(no_target))
+        todo = [e for e in todo if e.rel not in no_target]
+    loader = _loader(todo, st)
+    chunk = st.cfg.runtime.batch_size  # lowered for the rest of the run after an out-of-memory split
     for batch in loader:
         for err in batch.errors:
             ctx.writer.submit(records.error_record(err.rel, err.kind, err.message), [])
         if batch.size:
+            new_batch(batch.size)
             chunk = split_on_oom(partial(_explain_slice, ctx, batch), batch.size, chunk)
         progress.advance(len(batch.errors) + batch.size)
 
@@ -362,12 +435,44 @@ def _explain_batch(ctx: RunContext, batch: LoadedBatch) -> None:
     assert batch.x is not None
     x = batch.x.to(st.device, non_blocking=True)
     seeds = torch.tensor([stable_seed(st.cfg.runtime.seed, r) for r in batch.rels], dtype=torch.long)
-    res = ctx.explainer(x, seeds)
+    targets = _batch_targets(ctx, batch.rels)
+    res = ctx.explainer(x, seeds) if targets is None else ctx.explainer(x, seeds, targets=targets)
     out = _BatchOutputs(ctx, batch, res)
     for mres in res.methods:
         for j in range(len(mres.maps)):
             out.add(mres, j)
     out.submit()
+
+
+def _batch_targets(ctx: RunContext, rels: list[str]) -> Tensor | Callable[[Tensor], Tensor] | None:
+    """The classes to explain for per-image targets: (B,), or with ``also_predicted`` a function
+    of the logits giving (B, 2): the prediction, then the image's own class. None: the Explainer's
+    own rule (prediction, fixed class, top-k)."""
+    if ctx.targets is None:
+        return None
+    known = torch.tensor([ctx.targets[r] for r in rels], dtype=torch.long, device=ctx.st.device)
+    if not ctx.st.target.also_predicted:
+        return known
+    return lambda logits: torch.stack([logits.argmax(1), known], 1)
+
+
+def target_source(target: TargetConfig, j: int) -> str | None:
+    """Which source gave target rank ``j`` (scores.jsonl ``target.source``): ``predicted``,
+    ``file`` or ``folder``; None for the run-wide rules (prediction, fixed class, top-k), whose
+    records stay as they were."""
+    if not target.per_image:
+        return None
+    return "predicted" if target.also_predicted and j == 0 else target.mode
+
+
+def target_suffix(target: TargetConfig, j: int) -> str:
+    """The file-name suffix of target rank ``j``: ``.top2`` for top-k, ``.predicted`` / ``.true``
+    for the prediction beside a per-image class, none otherwise."""
+    if target.mode == "topk":
+        return f".top{j + 1}"
+    if target.also_predicted:
+        return ".predicted" if j == 0 else ".true"
+    return ""
 
 
 @dataclass
@@ -423,22 +528,24 @@ class _BatchOutputs:
         """The map of method ``mres`` for target rank ``j``: stats, metrics, overlays, raw maps."""
         st, o = self.ctx.st, self.ctx.st.cfg.output
         spec, raw = mres.spec, mres.maps[j]
-        mode = signed_mode(spec, mres.params)
+        mode, _ = spec.display(mres.params)
         flat = raw.flatten(1)
         stats = torch.stack([flat.amin(1), flat.amax(1), flat.mean(1)], 1).cpu()
         norm = normalize(raw, mode)
         metric_vals = self._metrics(self.res.batches[j], raw, mode) if st.metrics else {}
         extras = {k: v.detach().float().cpu() for k, v in mres.extras[j].items()}
-        drawn = self._drawn_boxes()
-        boxes = metric_vals.get("boxes") if drawn else None
+        source = target_source(st.target, j)
+        boxes, thresholds = self._drawn_boxes(metric_vals)
         overlays, peaks = compose(self.images, norm, self.windows, self.ctx.palette, signed=mode == "diverging",
                                   boxes=boxes, overlays=o.overlays, style=self.ctx.styles.get(spec.name))
         layer = st.layer.spec if (st.layer is not None and spec.needs_layer) else None
         for i in range(len(self.batch.rels)):
             target = self.preds.target(i, j, st.loaded.label)
-            suffix = f".{spec.name}" + (f".top{j + 1}-{records.file_safe(target['label'], target['index'])}"
-                                        if st.target.mode == "topk" else "")
-            tags = list(zip(boxes[i].reshape(-1, 4).tolist(), drawn, strict=False)) if boxes is not None else []
+            if source is not None:
+                target["source"] = source
+            suffix = f".{spec.name}" + target_suffix(st.target, j) + (
+                f"-{records.file_safe(target['label'], target['index'])}" if st.target.mode == "topk" else "")
+            tags = list(zip(boxes[i].reshape(-1, 4).tolist(), thresholds, strict=False)) if boxes is not None else []
             files = self._files(i, overlays[i], suffix, raw[i], Caption(spec.name, target["label"], target["prob"],
                                                                          target["rank"]), tags)
             width = self.sizes[i][1]
@@ -450,9 +557,14 @@ class _BatchOutputs:
                 values["metrics"] = {k: records.json_ready(v[i].tolist()) for k, v in metric_vals.items()}
             self.entries[i].append(records.explanation_entry(spec.name, layer, target, map_stats, files, values))
 
-    def _drawn_boxes(self) -> tuple[float, ...]:
-        """The thresholds of the boxes drawn on the overlays (the boxes metric with ``draw``)."""
-        return next((tuple(mp.thresholds) for ms, mp in self.ctx.st.metrics if getattr(mp, "draw", False)), ())
+    def _drawn_boxes(self, metric_vals: dict[str, Tensor]) -> tuple[Tensor | None, tuple[float, ...]]:
+        """The boxes a metric draws on the overlays (B, T, 4), and the thresholds they are tagged
+        with (the metric's ``thresholds`` knob, when it has one)."""
+        for ms, mp in self.ctx.st.metrics:
+            b = ms.boxes_to_draw(mp, metric_vals)
+            if b is not None:
+                return b, tuple(getattr(mp, "thresholds", ()))
+        return None, ()
 
     def _files(self, i: int, overlay: np.ndarray | None, suffix: str, raw: Tensor, caption: Caption,
                tags: list[tuple[list[float], float]]) -> records.Files:
@@ -482,8 +594,7 @@ class _BatchOutputs:
         metric_map = to_input_size(metric_map, st.loaded.preprocess.input_size)
         out: dict[str, Tensor] = {}
         for mspec, mparams in st.metrics:
-            margs = (mb, metric_map, mparams, self.metric_ctx) if mspec.context else (mb, metric_map, mparams)
-            for key, val in mspec.fn(*margs).items():
+            for key, val in mspec.fn(mb, metric_map, mparams, self.metric_ctx).items():
                 out[key] = val.detach().float().cpu()
         return out
 

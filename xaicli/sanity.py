@@ -53,7 +53,7 @@ from .config import Config, TargetConfig
 from .engine import Explainer
 from .errors import ConfigError, InputError, MethodError
 from .layers import LayerRef, trace_modules
-from .methods.base import Runner, chunks, stable_seed
+from .methods.batch import Runner, chunks, stable_seed
 from .metrics.similarity import MEASURES, compare
 
 DEFAULT_MAX_SPEARMAN = 0.5
@@ -160,6 +160,32 @@ def _layer_in(model: nn.Module, clone: nn.Module, layer: LayerRef | None) -> Lay
     return LayerRef(layer.name, dict(clone.named_modules())[name], layer.use_input)
 
 
+@dataclass
+class _Probe:
+    """The methods' maps of the test images for one network (the model, then its randomised
+    copies), chunk by chunk; ``progress`` is told of each chunk."""
+
+    pairs: list[tuple[Any, Any]]
+    x: Tensor
+    seeds: Tensor
+    device: torch.device
+    progress: Callable[[int], None] | None = None
+
+    def maps(self, net: nn.Module, layer: LayerRef | None, runner: Runner,
+             targets: Tensor | None) -> tuple[Tensor, list[list[Tensor]]]:
+        """(the classes explained (N,), per chunk the (b, h, w) raw map of each method)."""
+        explainer = Explainer(net, self.pairs, layer, TargetConfig(), runner)
+        got, out = [], []
+        for sl in chunks(self.x.shape[0], runner.budget):
+            want = None if targets is None else targets[sl]
+            res = explainer(self.x[sl].to(self.device, non_blocking=True), self.seeds[sl], targets=want)
+            got.append(res.targets[:, 0])
+            out.append([m.maps[0] for m in res.methods])
+            if self.progress:
+                self.progress(sl.stop - sl.start)
+        return torch.cat(got), out
+
+
 def cascade(
     model: nn.Module,
     x: Tensor,
@@ -176,9 +202,10 @@ def cascade(
     """Run the cascading randomisation test on the images ``x`` (N, 3, H, W), any device.
 
     ``methods``: names, MethodSpecs (default knobs) or (spec, params) pairs. ``layer``: the
-    target layer (a LayerRef or a dotted name) for methods that need one. ``targets`` (N,): classes to explain (default: the
-    original model's prediction). ``runner``: chunking and precision (default: fp32, chunks of
-    16). ``model`` is left exactly as it was; the randomised model is a deep copy.
+    target layer (a LayerRef or a dotted name) for methods that need one. ``targets`` (N,): classes
+    to explain (default: the original model's prediction). ``runner``: chunking and precision
+    (default: fp32, chunks of 16). ``model`` is left exactly as it was; the randomised model is a
+    deep copy.
     """
     from .layers import resolve_layer
     from .plan import method_pairs
@@ -188,53 +215,28 @@ def cascade(
     runner = runner or Runner(model=model, budget=16)
     if isinstance(layer, str):
         layer = resolve_layer(_inner(model), layer)
-    n = x.shape[0]
-    size = (int(x.shape[-2]), int(x.shape[-1]))
-    seeds = seeds if seeds is not None else torch.arange(n, dtype=torch.long) + seed
-    fixed = targets.to(device) if targets is not None else None
-
-    def maps_of(net: nn.Module, ref: LayerRef | None, run: Runner, sl: slice, want: Tensor | None
-                ) -> tuple[Tensor, list[Tensor]]:
-        exp = Explainer(net, pairs, ref, TargetConfig(), run)
-        res = exp(x[sl].to(device, non_blocking=True), seeds[sl], targets=want)
-        return res.targets[:, 0], [m.maps[0] for m in res.methods]
-
+    seeds = seeds if seeds is not None else torch.arange(x.shape[0], dtype=torch.long) + seed
+    probe = _Probe(pairs, x, seeds, device, progress)
     with eval_mode(model):
-        originals: list[list[Tensor]] = [[] for _ in pairs]
-        got: list[Tensor] = []
-        for sl in chunks(n, runner.budget):
-            t, maps = maps_of(model, layer, runner, sl, None if fixed is None else fixed[sl])
-            got.append(t)
-            for i, m in enumerate(maps):
-                originals[i].append(m)
-            if progress:
-                progress(sl.stop - sl.start)
-        fixed = torch.cat(got)
+        fixed, originals = probe.maps(model, layer, runner, targets.to(device) if targets is not None else None)
         clone = copy.deepcopy(model)
     clone.eval()
-    clone_layer = _layer_in(model, clone, layer)
     clone_runner = Runner(model=clone, budget=runner.budget, autocast=runner.autocast,
                           memory_format=runner.memory_format, precision=runner.precision)
-    blocks = randomization_blocks(clone, size, device)
-    groups = group_blocks(blocks, steps)
+    size = (int(x.shape[-2]), int(x.shape[-1]))
+    plan: list[tuple[str, ...]] = [(), *group_blocks(randomization_blocks(clone, size, device), steps)]
     modules = dict(_inner(clone).named_modules())
-    plan: list[tuple[str, ...]] = [(), *groups]
+    clone_layer = _layer_in(model, clone, layer)
     names = [s.name for s, _ in pairs]
-    scores: dict[str, dict[str, list[Tensor]]] = {m: {k: [] for k in MEASURES} for m in names}
+    scores: dict[str, dict[str, list[Tensor]]] = {m: {q: [] for q in MEASURES} for m in names}
     for group in plan:
         for b in group:
             randomize_(modules[b], stable_seed(seed, b))  # the same block, the same init, whatever the steps
-        per: dict[str, dict[str, list[Tensor]]] = {m: {q: [] for q in MEASURES} for m in names}
-        for ci, sl in enumerate(chunks(n, runner.budget)):
-            _, maps = maps_of(clone, clone_layer, clone_runner, sl, fixed[sl])
-            for i, m in enumerate(maps):
-                for q, v in compare(originals[i][ci], m, size).items():
-                    per[names[i]][q].append(v)
-            if progress:
-                progress(sl.stop - sl.start)
-        for m in names:
+        _, randomized = probe.maps(clone, clone_layer, clone_runner, fixed)
+        for i, name in enumerate(names):
+            per_chunk = [compare(o[i], r[i], size) for o, r in zip(originals, randomized, strict=True)]
             for q in MEASURES:
-                scores[m][q].append(torch.cat(per[m][q]))
+                scores[name][q].append(torch.cat([c[q] for c in per_chunk]))
     out = {m: {q: torch.stack(v).cpu() for q, v in by.items()} for m, by in scores.items()}
     return CascadeResult(steps=plan, methods=names, targets=fixed.cpu(), scores=out)
 
@@ -319,6 +321,23 @@ def verdict_lines(rep: dict[str, Any]) -> list[str]:
     return out
 
 
+def _own_classes(image_targets: Any, entries: list[Any], ok: list[dict[str, Any]],
+                 failed: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Tensor]:
+    """The images that have a per-image class, and those classes (N,); the others join ``failed``."""
+    where = {e.rel: e.path for e in entries}
+    keep, classes = [], []
+    for it in ok:
+        t = image_targets.resolve(it["rel"], where[it["rel"]])
+        if isinstance(t, int):
+            keep.append(it)
+            classes.append(t)
+        else:
+            failed.append({"path": it["rel"], "error": {"type": "target", "message": t}})
+    if not keep:
+        raise InputError(f"none of the {len(ok)} images has a target", f"first: {failed[-1]['error']['message']}")
+    return keep, torch.tensor(classes, dtype=torch.long)
+
+
 @dataclass
 class SanityRun:
     result: CascadeResult
@@ -349,6 +368,8 @@ def run_sanity(
     if not entries:
         raise InputError(f"no images in {input_path}" + (" match the selection" if select else ""))
     st = setup(cfg)
+    for message in st.warnings if hasattr(progress, "warn") else ():
+        progress.warn(message)  # random weights, assumed class names or preprocessing
     data = ImageFolder(entries, st.loaded.preprocess)
     items = [data[i] for i in range(len(data))]
     ok = [it for it in items if it["ok"]]
@@ -356,16 +377,19 @@ def run_sanity(
     if not ok:
         raise InputError(f"none of the {len(items)} images under {input_path} could be read",
                          f"first error: {failed[0]['error']['message']}")
-    x = torch.stack([it["x"] for it in ok])
-    paths = [it["rel"] for it in ok]
-    seeds = torch.tensor([stable_seed(cfg.runtime.seed, p) for p in paths], dtype=torch.long)
     targets = None
     if st.target.mode == "index":
         assert st.target.index is not None
         targets = torch.full((len(ok),), st.target.index, dtype=torch.long)
+    elif st.image_targets is not None:  # a file or folder: each image's own class (not also the prediction)
+        ok, targets = _own_classes(st.image_targets, entries, ok, failed)
+    x = torch.stack([it["x"] for it in ok])
+    paths = [it["rel"] for it in ok]
+    seeds = torch.tensor([stable_seed(cfg.runtime.seed, p) for p in paths], dtype=torch.long)
     n_steps = len(group_blocks(randomization_blocks(st.model, st.loaded.preprocess.input_size, st.device), steps))
     if progress is not None:
-        progress.start(len(ok) * (n_steps + 2), f"sanity: {'+'.join(cfg.method)}, {n_steps} steps, {len(ok)} images")
+        progress.start(len(ok) * (n_steps + 2), f"sanity: {'+'.join(cfg.method)}, {n_steps} steps, {len(ok)} images",
+                       unit="image-steps")
     try:
         res = cascade(st.model, x, st.methods, st.layer, targets=targets, steps=steps, seed=cfg.runtime.seed,
                       runner=st.runner, seeds=seeds, progress=progress.advance if progress is not None else None)

@@ -253,7 +253,8 @@ def _metric_values(records: Sequence[Mapping[str, Any]], method: str, path: str)
 
 def _no_values(rule: Rule, data: RunData, method: str, kinds: set[str], where: str) -> Exception:
     """Why a metric rule found no number: a usage error when the name holds no number or is not
-    known at all, else Missing (a known metric that was not switched on)."""
+    known at all, else Missing: a metric that was not switched on (saying which to switch on), or
+    one that is there but null everywhere."""
     assert rule.metric is not None
     if kinds:
         return ConfigError(f"rule {rule.name!r}: metric {rule.metric!r} is a {'/'.join(sorted(kinds))}, not a number",
@@ -262,9 +263,27 @@ def _no_values(rule: Rule, data: RunData, method: str, kinds: set[str], where: s
     if head not in data.vocabulary:
         return ConfigError(f"rule {rule.name!r}: unknown metric {rule.metric!r}",
                            suggest(head, sorted(data.vocabulary | set(_present_fields(data.records, method)))))
-    present = _present_fields(data.records, method)
-    return Missing(f"{rule.metric} is absent for {method}{where}: switch on the metric that computes it "
-                   f"(metrics: in the config or --metrics); present: {', '.join(present) or 'none'}")
+    present = f"; present: {', '.join(_present_fields(data.records, method)) or 'none'}"
+    nulls = sum(1 for r in data.records for e in r.get("explanations") or []
+                if e.get("method") == method and head in (e.get("metrics") or {}))
+    if nulls:
+        return Missing(f"metric {rule.metric} has no value for {method}{where}: null in all {nulls} explanations "
+                       "(no ground truth for these images?)")
+    spec = _metric_writing(head)
+    if spec is None:
+        return Missing(f"{rule.metric} is absent for {method}{where}{present}")
+    switch = f"add `--metrics {spec.name}`"
+    if spec.ground_truth:
+        switch += " with `--ground-truth PATH`"
+    return Missing(f"metric {rule.metric} is not in the run: {switch} (or `metrics: [{spec.name}]` in the config)"
+                   f"{present}")
+
+
+def _metric_writing(key: str) -> Any:
+    """The registered metric that writes ``key`` (by name or output key), or None."""
+    from ..metrics import all_metrics
+
+    return next((m for m in all_metrics() if key == m.name or key in m.outputs), None)
 
 
 def measure_failed_images(rule: Rule, data: RunData) -> Measurement:

@@ -3,7 +3,7 @@
 `xai methods`, config validation and the engine (grad or no-grad, which tensors to capture,
 how to render) all read this one table. A method is a function ``fn(batch, params) -> map``:
 
-* ``batch`` is a :class:`xaicli.methods.base.Batch`: the input on the device, the targets, the
+* ``batch`` is a :class:`xaicli.methods.batch.Batch`: the input on the device, the targets, the
   shared forward's logits, activations and gradients, and a chunked ``forward`` for methods
   that need more passes;
 * ``params`` is the method's frozen parameter dataclass, validated from ``methods.<name>``;
@@ -14,12 +14,12 @@ how to render) all read this one table. A method is a function ``fn(batch, param
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..errors import ConfigError, suggest
+from ..registry import Registry
+from ..render import ChannelReduce, Render
 
 Family = Literal["cam", "gradient", "perturbation"]
 Space = Literal["layer", "pixel"]
@@ -53,6 +53,15 @@ class MethodSpec:
     def needs_grad(self) -> bool:
         return self.grad_of != "none" or self.family == "gradient"
 
+    def display(self, params: Any) -> tuple[Render | None, ChannelReduce]:
+        """How the engine shows this method's raw maps, from the two display knobs a method may
+        declare: ``render`` (signed maps: diverging, magnitude or positive; None for unsigned
+        maps) and ``reduce`` (how a pixel map (B, C, H, W) becomes (B, H, W); unset: the largest
+        magnitude over channels for magnitude maps, the signed sum otherwise)."""
+        mode: Render | None = getattr(params, "render", "diverging") if self.signed else None
+        reduce: ChannelReduce | None = getattr(params, "reduce", None)
+        return mode, reduce or ("max_abs" if mode in (None, "magnitude") else "sum")
+
     def cost_text(self, params: Any = None, channels: int | None = None) -> str:
         f, b = self.cost(params if params is not None else self.params(), channels)
         if b:
@@ -60,11 +69,7 @@ class MethodSpec:
         return f"{f} fwd"
 
 
-_REGISTRY: dict[str, MethodSpec] = {}
-_ALIASES: dict[str, str] = {}
-# Modules that register methods on import; later issues append theirs here.
-_MODULES = ("cam", "eigen", "gradient", "perturbation")
-_loaded = False
+_methods: Registry[MethodSpec] = Registry("method", __name__, listed_by="xai methods")
 
 
 def register(
@@ -86,11 +91,8 @@ def register(
         raise TypeError(f"{name}: params must be a dataclass")
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        for n in (name, *aliases):
-            if n in _REGISTRY or n in _ALIASES:
-                raise RuntimeError(f"method {n!r} registered twice")
         default_cost = (1, 1 if grad_of != "none" else 0)
-        _REGISTRY[name] = MethodSpec(
+        spec = MethodSpec(
             name=name,
             fn=fn,
             family=family,
@@ -104,39 +106,16 @@ def register(
             cost=cost or (lambda p, c: default_cost),
             aliases=aliases,
         )
-        for a in aliases:
-            _ALIASES[a] = name
+        _methods.register(name, spec, aliases, fn.__module__)
         return fn
 
     return deco
 
 
-def _load() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for mod in _MODULES:
-        try:
-            importlib.import_module(f"{__name__}.{mod}")
-        except ModuleNotFoundError as e:  # a module of a later issue not written yet
-            if e.name != f"{__name__}.{mod}":
-                raise
-
-
 def all_methods() -> list[MethodSpec]:
-    _load()
-    return list(_REGISTRY.values())
+    return _methods.all()
 
 
 def get_method(name: str, path: str = "method") -> MethodSpec:
     """The spec of a method by name or alias; the error lists the close matches."""
-    _load()
-    key = name.strip().lower().replace("-", "_")
-    key = _ALIASES.get(key, key)
-    if key not in _REGISTRY:
-        raise ConfigError(
-            f"{path}: unknown method {name!r}",
-            suggest(name, [*_REGISTRY, *_ALIASES]) + " (`xai methods` lists them)",
-        )
-    return _REGISTRY[key]
+    return _methods.get(name, path)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..errors import MethodError
 from . import register
-from .base import Batch
+from .batch import Batch
 
 
 @dataclass(frozen=True)
@@ -30,22 +30,10 @@ def combine(weights: Tensor, activations: Tensor, relu: bool) -> Tensor:
     return cam.clamp_min(0) if relu else cam
 
 
-def _need(batch: Batch, grads: bool = True) -> tuple[Tensor, Tensor]:
-    a, g = batch.activations, batch.gradients
-    if a is None or (grads and g is None):
-        raise MethodError("this method needs the target layer's activations and gradients")
-    if a.dim() != 4:
-        raise MethodError(
-            f"target layer {batch.layer.spec if batch.layer else '?'} gives shape {tuple(a.shape)}, "
-            "not a spatial map (B, C, h, w)",
-            "pick a convolutional layer (`xai layers` prints the shapes)",
-        )
-    return a, g  # type: ignore[return-value]
-
-
 def _head(batch: Batch) -> tuple[Tensor, Tensor | None]:
     """The linear classifier that reads the global average of the target layer, verified on the
-    batch: logits must equal W · mean(A) + b, else the model has no GAP + linear head there."""
+    batch (when ``batch.checks``): logits must equal W · mean(A) + b, else the model has no GAP +
+    linear head there."""
     a = batch.activations
     assert a is not None
     n_channels, n_classes = a.shape[1], batch.logits.shape[1]
@@ -64,6 +52,8 @@ def _head(batch: Batch) -> tuple[Tensor, Tensor | None]:
     fc = linears[-1]
     w = fc.weight.detach().float()
     b = fc.bias.detach().float() if fc.bias is not None else None
+    if not batch.checks:
+        return w, b
     predicted = a.mean((2, 3)) @ w.T + (b if b is not None else 0)
     err = (predicted - batch.logits).abs().max().item()
     scale = batch.logits.abs().max().item() + 1.0
@@ -88,7 +78,7 @@ def _head(batch: Batch) -> tuple[Tensor, Tensor | None]:
 def cam(batch: Batch, p: CamParams) -> Tensor:
     """CAM_c = sum_k w_{c,k} A_k with w the linear head's weights (bias dropped, as in the paper).
     Needs global average pooling + a linear layer right after the target layer."""
-    a, _ = _need(batch, grads=False)
+    a, _ = batch.spatial(grads=False)
     w, _ = _head(batch)
     return combine(w[batch.targets], a, p.relu)
 
@@ -105,7 +95,7 @@ def cam(batch: Batch, p: CamParams) -> Tensor:
 )
 def gradcam(batch: Batch, p: CamParams) -> Tensor:
     """alpha_k = mean_ij G_kij; map = ReLU(sum_k alpha_k A_k)."""
-    a, g = _need(batch)
+    a, g = batch.spatial()
     return combine(g.mean((2, 3)), a, p.relu)
 
 
@@ -126,7 +116,7 @@ def gradcampp(batch: Batch, p: CamParams) -> Tensor:
     Departure: pytorch-grad-cam adds eps=1e-6 to the g^2-scaled denominator, which biases alpha when
     gradients are small (|g| < 1e-3 is common); the simplified form needs no eps.
     """
-    a, g = _need(batch)
+    a, g = batch.spatial()
     denom = 2.0 + a.sum((2, 3), keepdim=True) * g
     alpha = torch.where((g != 0) & (denom != 0), 1.0 / torch.where(denom == 0, 1.0, denom), 0.0)
     return combine((alpha * g.clamp_min(0)).sum((2, 3)), a, p.relu)
@@ -143,7 +133,7 @@ def gradcampp(batch: Batch, p: CamParams) -> Tensor:
 )
 def hirescam(batch: Batch, p: CamParams) -> Tensor:
     """map = ReLU(sum_k G_k * A_k); equals Grad-CAM (= CAM / Z) on a GAP + linear network."""
-    a, g = _need(batch)
+    a, g = batch.spatial()
     return combine(g, a, p.relu)
 
 
@@ -158,7 +148,7 @@ def hirescam(batch: Batch, p: CamParams) -> Tensor:
 )
 def xgradcam(batch: Batch, p: CamParams) -> Tensor:
     """alpha_k = sum_ij (A_kij / sum_ab A_kab) G_kij (eps 1e-7 in the denominator, as the reference)."""
-    a, g = _need(batch)
+    a, g = batch.spatial()
     weights = (g * a).sum((2, 3)) / (a.sum((2, 3)) + 1e-7)
     return combine(weights, a, p.relu)
 
@@ -174,5 +164,5 @@ def xgradcam(batch: Batch, p: CamParams) -> Tensor:
 )
 def layercam(batch: Batch, p: CamParams) -> Tensor:
     """map = ReLU(sum_k ReLU(G_k) * A_k)."""
-    a, g = _need(batch)
+    a, g = batch.spatial()
     return combine(g.clamp_min(0), a, p.relu)

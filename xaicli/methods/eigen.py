@@ -9,8 +9,7 @@ import torch
 from torch import Tensor
 
 from . import register
-from .base import Batch
-from .cam import _need
+from .batch import Batch
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ def project(matrix: Tensor, p: EigenParams) -> Tensor:
 def eigencam(batch: Batch, p: EigenParams) -> Tensor:
     """Activations reshaped to (h*w, C), columns centred, projected on v1 (as pytorch-grad-cam);
     sign fixed by the |min| > |max| rule (Seg-Eigen-CAM, Eq. 13). Same map for every class."""
-    a, _ = _need(batch, grads=False)
+    a, _ = batch.spatial(grads=False)
     return project(a, p)
 
 
@@ -75,5 +74,5 @@ def eigengradcam(batch: Batch, p: EigenParams) -> Tensor:
     """The Eigen-CAM projection (see ``project``) of the element-wise product G * A, G the gradient of
     the target logit: the first principal component of the class-weighted features. Departure from
     pytorch-grad-cam: the SVD sign is fixed by the |min| > |max| rule (``sign_correction``)."""
-    a, g = _need(batch)
+    a, g = batch.spatial()
     return project(g * a, p)

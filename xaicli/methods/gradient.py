@@ -1,189 +1,38 @@
 """Gradient methods: vanilla gradient (saliency), DeconvNet, guided backpropagation, guided
 Grad-CAM, SmoothGrad (with SmoothGrad-squared and VarGrad) and Integrated Gradients.
 
-Every map is computed in pixel space: (B, C, H, W) attributions reduced over the colour channels
-to (B, H, W) here (``reduce`` knob), then scaled and rendered by the engine as the ``render`` knob
-says (``diverging`` keeps the sign, ``magnitude`` shows |v|, ``positive`` clips at 0).
+Every map is computed in pixel space: (B, C, H, W) attributions, which the engine reduces over
+the colour channels (``reduce`` knob), scales and renders as the ``render`` knob says
+(``diverging`` keeps the sign, ``magnitude`` shows |v|, ``positive`` clips at 0).
 
-The ReLU backward rules (DeconvNet, guided backprop) are applied by :func:`relu_rule`, which
-replaces the ``forward`` of every ``nn.ReLU`` / ``nn.ReLU6`` module instance with an autograd
-function for the duration of one call and restores the modules exactly afterwards. ReLUs called
-as functions (``torch.relu``, ``F.relu``, ``Tensor.relu`` in a model's ``forward``) cannot be
-rewritten that way; they are detected while the model runs and the method stops with an error
-instead of returning a map that silently mixes the rules.
+The ReLU backward rules of DeconvNet and guided backprop are applied by
+:func:`xaicli.methods.relu_rules.relu_rule`, which restores the user's model exactly afterwards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import lru_cache, partial
-from typing import Any, Literal
+from functools import lru_cache
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
+from torch import Tensor
 
 from ..config import IMAGE_FILE, non_negative, positive
 from ..errors import ConfigError, MethodError
-from ..render import reduce_channels
+from ..ops import gaussian_blur
+from ..render import ChannelReduce, Render
 from . import register
-from .base import Batch, MethodOutput
+from .batch import Batch, MethodOutput
 from .cam import CamParams, gradcam
-
-Render = Literal["diverging", "magnitude", "positive"]
-ChannelReduce = Literal["max_abs", "sum", "mean", "l2"]
-Rule = Literal["guided", "deconvnet"]
+from .relu_rules import Rule, relu_rule
 
 # Noise samples are drawn in groups of this many per image; a fixed size (not one derived from the
 # batch or the runner's budget) keeps each image's noise stream the same whatever the batching.
 _NOISE_GROUP = 16
-
-
-def _finish(attr: Tensor, render: str, reduce: str | None) -> Tensor:
-    """(B, C, H, W) attributions -> (B, H, W). ``reduce`` None: the largest |value| over channels
-    for ``magnitude`` (Simonyan et al.'s saliency), the signed sum otherwise."""
-    how = reduce or ("max_abs" if render == "magnitude" else "sum")
-    return reduce_channels(attr.float(), how)
-
-
-# --------------------------------------------------------------------------------------------
-# ReLU backward rules
-
-
-class _ReluRule(torch.autograd.Function):
-    """y = clamp(x, 0, upper) forward; the backward replaces the ReLU's gradient by a rule:
-    guided: relu(g) * 1[0 < x < upper] (Springenberg et al. 2015);
-    deconvnet: relu(g), the forward mask ignored (Zeiler & Fergus 2014)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, upper: float | None, deconv: bool) -> Tensor:
-        y = x.clamp_min(0) if upper is None else x.clamp(0, upper)
-        ctx.deconv = deconv
-        if not deconv:
-            # A bool mask, not the output: later in-place ops on the output cannot invalidate it.
-            mask = x > 0 if upper is None else (x > 0) & (x < upper)
-            ctx.save_for_backward(mask)
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:
-        out = g.clamp_min(0)
-        if not ctx.deconv:
-            (mask,) = ctx.saved_tensors
-            out = out * mask
-        return out, None, None
-
-
-def _rule_forward(x: Tensor, *, upper: float | None, deconv: bool) -> Tensor:
-    return _ReluRule.apply(x, upper, deconv)
-
-
-_FUNCTIONAL_RELUS = {
-    torch.relu: "torch.relu",
-    torch.relu_: "torch.relu_",
-    F.relu: "F.relu",
-    F.relu_: "F.relu_",
-    F.relu6: "F.relu6",
-    F.hardtanh: "F.hardtanh",
-    F.hardtanh_: "F.hardtanh_",
-    Tensor.relu: "Tensor.relu",
-    Tensor.relu_: "Tensor.relu_",
-}
-
-_NOT_ACTIVATIONS = {"Softmax", "Softmin", "LogSoftmax", "Softmax2d", "MultiheadAttention", "Identity"}
-_ACTIVATION_NAMES = ("swish", "silu", "gelu", "mish", "hardswish", "sigmoid", "tanh", "elu")
-
-
-class _FunctionalReluCheck(TorchFunctionMode):
-    """Stops the forward at a ReLU called as a function: the rule cannot be applied to it."""
-
-    def __init__(self, method: str, model: nn.Module) -> None:
-        super().__init__()
-        self.method = method
-        self.model_name = type(model).__name__
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        name = _FUNCTIONAL_RELUS.get(func)
-        if name is not None:
-            raise MethodError(
-                f"{self.method}: {self.model_name} calls {name} inside its forward; the {self.method} rule "
-                "rewrites only nn.ReLU / nn.ReLU6 modules, so this ReLU would keep its plain gradient and "
-                "the map would mix two rules. Models that apply ReLU as a function (torch.relu, F.relu, "
-                "Tensor.relu; e.g. torchvision's Inception v3 and GoogLeNet) cannot be handled",
-                "use saliency, smoothgrad or integrated_gradients on this model, or replace the functional "
-                "calls by nn.ReLU modules",
-            )
-        return func(*args, **(kwargs or {}))
-
-
-def _other_activations(model: nn.Module) -> list[str]:
-    names = []
-    for m in model.modules():
-        cls = type(m)
-        n = cls.__name__
-        if n in _NOT_ACTIVATIONS or isinstance(m, (nn.ReLU, nn.ReLU6)):
-            continue  # ReLU subclasses with their own forward are reported by the functional check
-        if cls.__module__ == "torch.nn.modules.activation" or any(a in n.lower() for a in _ACTIVATION_NAMES):
-            names.append(n)
-    return names
-
-
-@contextmanager
-def relu_rule(model: nn.Module, rule: Rule, method: str | None = None) -> Iterator[int]:
-    """Apply ``rule`` to the backward of every ``nn.ReLU`` / ``nn.ReLU6`` of ``model`` inside the
-    block; yields how many modules were rewritten.
-
-    Each ReLU module keeps its identity, ``inplace`` flag, hooks and training flag: only an
-    instance attribute ``forward`` is set for the block and removed on exit (also on error), so a
-    module used several times (torchvision's ResNet blocks) gets the rule at every call. The
-    replacement computes out of place (an in-place ReLU's result is the same tensor value).
-    ReLU6 keeps its upper clip: guided passes relu(g) where 0 < x < 6.
-    Raises MethodError for TorchScript modules, for functional ReLU calls met during the forward,
-    and for a model whose only activations are not ReLUs (the map would be the plain gradient).
-    """
-    method = method or ("deconvnet" if rule == "deconvnet" else "guided_backprop")
-    if isinstance(model, torch.jit.ScriptModule):
-        raise MethodError(
-            f"{method}: {type(model).__name__} is a TorchScript module; its ReLUs cannot be rewritten",
-            "load the eager (Python) model instead",
-        )
-    # Subclasses that override forward are left alone: their own forward calls F.relu, which the
-    # check below reports, rather than having their extra behaviour silently dropped.
-    relus = [
-        m for m in model.modules()
-        if (isinstance(m, nn.ReLU) and type(m).forward is nn.ReLU.forward)
-        or (isinstance(m, nn.ReLU6) and type(m).forward is nn.ReLU6.forward)
-    ]
-    if not relus:
-        others = _other_activations(model)
-        if others:
-            kinds = sorted(set(others))
-            raise MethodError(
-                f"{method}: {type(model).__name__} has no nn.ReLU / nn.ReLU6 modules (its activations: "
-                f"{', '.join(kinds)}); the {method} rule is defined for ReLUs only, so the map would be "
-                "the plain gradient",
-                "use saliency (or smoothgrad / integrated_gradients) on this model",
-            )
-    deconv = rule == "deconvnet"
-    saved: list[tuple[nn.Module, bool, Any]] = []
-    try:
-        for m in relus:
-            had = "forward" in m.__dict__
-            saved.append((m, had, m.__dict__.get("forward")))
-            upper = float(m.max_val) if isinstance(m, nn.ReLU6) else None
-            m.__dict__["forward"] = partial(_rule_forward, upper=upper, deconv=deconv)
-        with _FunctionalReluCheck(method, model):
-            yield len(relus)
-    finally:
-        for m, had, old in reversed(saved):
-            if had:
-                m.__dict__["forward"] = old
-            else:
-                m.__dict__.pop("forward", None)
 
 
 def input_gradients(batch: Batch, x: Tensor, targets: Tensor, rule: Rule | None = None, method: str | None = None) -> Tensor:
@@ -223,7 +72,7 @@ def saliency(batch: Batch, p: PixelParams) -> Tensor:
     diverging`` the signed gradient summed over channels. Free: the engine's shared backward."""
     if batch.input_grad is None:
         raise MethodError("saliency needs the input gradient of the shared pass")
-    return _finish(batch.input_grad, p.render, p.reduce)
+    return batch.input_grad
 
 
 @register(
@@ -240,7 +89,7 @@ def saliency(batch: Batch, p: PixelParams) -> Tensor:
 )
 def guided_backprop(batch: Batch, p: PixelParams) -> Tensor:
     """The input gradient with every ReLU's backward replaced by relu(g) * 1[x > 0]."""
-    return _finish(input_gradients(batch, batch.x, batch.targets, "guided", "guided_backprop"), p.render, p.reduce)
+    return input_gradients(batch, batch.x, batch.targets, "guided", "guided_backprop")
 
 
 @register(
@@ -257,7 +106,7 @@ def guided_backprop(batch: Batch, p: PixelParams) -> Tensor:
 )
 def deconvnet(batch: Batch, p: PixelParams) -> Tensor:
     """The input gradient with every ReLU's backward replaced by relu(g)."""
-    return _finish(input_gradients(batch, batch.x, batch.targets, "deconvnet", "deconvnet"), p.render, p.reduce)
+    return input_gradients(batch, batch.x, batch.targets, "deconvnet", "deconvnet")
 
 
 @register(
@@ -279,7 +128,7 @@ def guided_gradcam(batch: Batch, p: PixelParams) -> Tensor:
     cam = gradcam(batch, CamParams(relu=True))
     up = F.interpolate(cam[:, None], size=tuple(batch.x.shape[-2:]), mode="bilinear", align_corners=False)
     gbp = input_gradients(batch, batch.x, batch.targets, "guided", "guided_gradcam")
-    return _finish(gbp * up, p.render, p.reduce)
+    return gbp * up
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,7 +203,7 @@ def smoothgrad(batch: Batch, p: SmoothGradParams) -> Tensor:
     else:
         assert total is not None
         attr = total / p.samples
-    return _finish(attr, p.render, p.reduce)
+    return attr
 
 
 # --------------------------------------------------------------------------------------------
@@ -409,19 +258,6 @@ class IGParams:
             )
         if self.rule == "riemann_trapezoid" and self.steps < 2:
             raise ConfigError(f"{key}.steps: the trapezoid rule needs at least 2 steps, got {self.steps}")
-
-
-def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of (B, C, H, W) per channel, radius 3 sigma, edges replicated."""
-    radius = max(1, int(np.ceil(3 * sigma)))
-    k = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
-    k = torch.exp(-0.5 * (k / sigma) ** 2)
-    k = (k / k.sum()).to(x.dtype)
-    c = x.shape[1]
-    out = F.pad(x, (radius, radius, 0, 0), mode="replicate")
-    out = F.conv2d(out, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    out = F.pad(out, (0, 0, radius, radius), mode="replicate")
-    return F.conv2d(out, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
 def ig_baseline(batch: Batch, p: IGParams) -> Tensor:
@@ -491,14 +327,13 @@ def integrated_gradients(batch: Batch, p: IGParams) -> MethodOutput:
     diff = batch.target_scores() - batch.runner.scores(baseline, batch.targets)
     gap = attr.sum((1, 2, 3)) - diff
     extras = {"completeness_gap": gap, "completeness_rel": gap / diff.abs().clamp_min(1e-12)}
-    return MethodOutput(_finish(attr, p.render, p.reduce), extras)
+    return MethodOutput(attr, extras)
 
 
 __all__: list[str] = [
     "IGParams",
     "PixelParams",
     "SmoothGradParams",
-    "gaussian_blur",
     "ig_baseline",
     "input_gradients",
     "integrated_attributions",

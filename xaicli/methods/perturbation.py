@@ -16,7 +16,6 @@ number (a constant in model space).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -26,11 +25,12 @@ from torch import Tensor
 
 from ..config import fraction, non_negative, positive
 from ..errors import ConfigError, MethodError
+from ..ops import gaussian_blur
+from ..render import Render
 from . import register
-from .base import Batch, MethodOutput, Runner, run_chunked
-from .cam import _need, combine
+from .batch import Batch, MethodOutput
+from .cam import combine
 
-Render = Literal["diverging", "magnitude", "positive"]
 FILLS = ("zero", "mean", "blur")
 
 
@@ -50,22 +50,7 @@ def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------------
-# Shared pieces: fills and chunked forwards of inputs made on demand
-
-
-def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of (B, C, H, W) with edge replication, on the device."""
-    if sigma <= 0:
-        return x
-    radius = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = (k / k.sum()).to(x.dtype)
-    b, c, h, w = x.shape
-    y = x.reshape(b * c, 1, h, w)
-    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
-    return y.reshape(b, c, h, w)
+# Shared piece: the fills
 
 
 def fill_image(x: Tensor, fill: str | float, blur_sigma: float) -> Tensor:
@@ -77,26 +62,8 @@ def fill_image(x: Tensor, fill: str | float, blur_sigma: float) -> Tensor:
     if fill == "mean":
         return x.mean((2, 3), keepdim=True)
     if fill == "blur":
-        return gaussian_blur(x, blur_sigma * max(x.shape[-2:]))
+        return gaussian_blur(x, blur_sigma * max(x.shape[-2:]), fold_channels=True)
     raise ConfigError(f"fill: unknown value {fill!r}", "use zero, mean, blur or a number")
-
-
-def perturbed_scores(
-    runner: Runner, n: int, build: Callable[[Tensor], Tensor], targets: Tensor, prob: bool = False
-) -> Tensor:
-    """Target scores (n,) of n inputs that ``build(indices)`` makes on the device, one chunk of the
-    engine's budget at a time (a chunk is halved on out-of-memory). ``prob``: softmax probability
-    of the target instead of its logit."""
-    device = targets.device
-
-    def one(sl: slice) -> Tensor:
-        idx = torch.arange(sl.start, sl.stop, device=device)
-        xs = build(idx)
-        if prob:
-            return runner.logits(xs).softmax(1).gather(1, targets[idx, None]).squeeze(1)
-        return runner.scores(xs, targets[idx])
-
-    return run_chunked(one, n, runner.budget)
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,7 +153,7 @@ def occlusion(batch: Batch, p: OcclusionParams) -> Tensor:
         hide = rows[win // nx][:, None, :, None] & cols[win % nx][:, None, None, :]  # (n, 1, H, W)
         return torch.where(hide, fill[img], x[img])
 
-    scores = perturbed_scores(batch.runner, b * nwin, build, batch.targets.repeat_interleave(nwin))
+    scores = batch.runner.scores_of(build, b * nwin, batch.targets.repeat_interleave(nwin))
     drop = batch.target_scores()[:, None] - scores.view(b, nwin)
     r, c = rows.to(drop.dtype), cols.to(drop.dtype)
     total = torch.einsum("byx,yh,xw->bhw", drop.view(b, ny, nx), r, c)
@@ -247,7 +214,7 @@ def scorecam(batch: Batch, p: ScoreCamParams) -> Tensor:
 
     Cost: K masked forwards per image (K = channels or max_channels); ``increase`` adds one forward
     of the zero input per batch."""
-    a, _ = _need(batch, grads=False)
+    a, _ = batch.spatial(grads=False)
     b, c, h, w = a.shape
     if p.max_channels and c > p.max_channels:
         keep = a.flatten(2).var(2).topk(p.max_channels, dim=1).indices  # (B, K)
@@ -262,9 +229,9 @@ def scorecam(batch: Batch, p: ScoreCamParams) -> Tensor:
 
     targets = batch.targets.repeat_interleave(k)
     if p.weighting == "softmax":
-        weights = perturbed_scores(batch.runner, b * k, build, targets).view(b, k).softmax(1)
+        weights = batch.runner.scores_of(build, b * k, targets).view(b, k).softmax(1)
     else:
-        probs = perturbed_scores(batch.runner, b * k, build, targets, prob=True).view(b, k)
+        probs = batch.runner.scores_of(build, b * k, targets, prob=True).view(b, k)
         base = batch.runner.logits(torch.zeros_like(x[:1])).softmax(1)[0, batch.targets]  # (B,)
         weights = probs - base[:, None]
     return combine(weights, a, p.relu)
@@ -477,7 +444,7 @@ def superpixel(batch: Batch, p: SuperpixelParams) -> MethodOutput:
         keep = zf[idx].gather(1, flat[img]).view(-1, 1, h, w)
         return torch.where(keep, x[img], fill[img])
 
-    y = perturbed_scores(batch.runner, b * n, build, batch.targets.repeat_interleave(n)).view(b, n)
+    y = batch.runner.scores_of(build, b * n, batch.targets.repeat_interleave(n)).view(b, n)
     fx = batch.target_scores()
     if p.kernel == "lime":
         alpha = 1.0 if p.alpha is None else p.alpha

@@ -1,28 +1,31 @@
 """The metric registry: name -> MetricSpec. A metric scores one method's maps for a batch.
 
-A metric is a function ``fn(batch, maps, params) -> dict[str, Tensor]``:
+A metric is a function ``fn(batch, maps, params, ctx) -> dict[str, Tensor]``:
 
-* ``batch`` is the method's :class:`xaicli.methods.base.Batch` (input, targets, chunked runner);
+* ``batch`` is the method's :class:`xaicli.methods.batch.Batch` (input, targets, chunked runner);
 * ``maps`` is (B, H, W) float32 on the device at the model input's resolution, non-negative and
   scaled to [0, 1] per image (how the engine normalises for rendering);
+* ``ctx`` is the batch's :class:`xaicli.metrics.context.MetricContext`: each image's path and
+  original size, the window of it that the model input shows, and (for a metric registered with
+  ``ground_truth=True``, which the run refuses to start without) its ground truth mapped into the
+  input frame;
 * the result maps score names to per-image values (B,) (or per-image lists as (B, N) / (B, N, 4)
   tensors; NaN means "no value" and is written as null), written under ``metrics`` in the method's
-  entry of scores.jsonl and aggregated in run.json.
-
-A metric registered with ``context=True`` gets a fourth argument, a
-:class:`xaicli.metrics.context.MetricContext`: each image's original size, the window of it that
-the model input shows, and (``ground_truth=True``) its ground truth mapped into the input frame.
+  entry of scores.jsonl and aggregated in run.json (mean, std, n); a ``summarise`` hook adds values
+  that only exist over a run (MaxBoxAcc).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, suggest
+if TYPE_CHECKING:
+    from torch import Tensor
+
+from ..registry import Registry
 
 
 @dataclass(frozen=True)
@@ -33,15 +36,22 @@ class MetricSpec:
     params: type
     # (params) -> forwards per image and method
     cost: Callable[[Any], int]
-    context: bool = False  # fn takes a 4th argument: the per-image MetricContext
-    ground_truth: bool = False  # needs ground truth (config `ground_truth`); implies context
+    ground_truth: bool = False  # needs ground truth (config `ground_truth`)
     outputs: tuple[str, ...] = ()  # the keys fn may return (scores.jsonl, `xai check` rules)
+    # Run-level values: (one method's per-image ``metrics`` dicts of scores.jsonl, the metric's knobs
+    # as run.json records them) -> value name -> {value, n, ...} for run.json's aggregates.
+    summarise: Callable[[list[dict[str, Any]], dict[str, Any]], dict[str, dict[str, Any]]] | None = None
+    # An output holding boxes (B, T, 4) that the overlays outline when the metric's `draw` knob is on.
+    draws: str | None = None
+
+    def boxes_to_draw(self, params: Any, values: dict[str, Tensor]) -> Tensor | None:
+        """The boxes this metric puts on the overlays for these values, if any."""
+        if self.draws is None or not getattr(params, "draw", False):
+            return None
+        return values.get(self.draws)
 
 
-_REGISTRY: dict[str, MetricSpec] = {}
-# Modules that register metrics on import; later issues append theirs here.
-_MODULES: tuple[str, ...] = ("faithfulness", "localization")
-_loaded = False
+_metrics: Registry[MetricSpec] = Registry("metric", __name__)
 
 
 def register(
@@ -50,47 +60,28 @@ def register(
     summary: str,
     params: type,
     cost: Callable[[Any], int] | None = None,
-    context: bool = False,
     ground_truth: bool = False,
     outputs: tuple[str, ...] = (),
+    summarise: Callable[[list[dict[str, Any]], dict[str, Any]], dict[str, dict[str, Any]]] | None = None,
+    draws: str | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``fn`` under ``name``; a duplicate name fails at import."""
     if not dataclasses.is_dataclass(params):
         raise TypeError(f"{name}: params must be a dataclass")
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        if name in _REGISTRY:
-            raise RuntimeError(f"metric {name!r} registered twice")
-        _REGISTRY[name] = MetricSpec(
-            name, fn, summary, params, cost or (lambda p: 0), context or ground_truth, ground_truth,
-            outputs or (name,),
-        )
+        spec = MetricSpec(name, fn, summary, params, cost or (lambda p: 0), ground_truth, outputs or (name,),
+                          summarise, draws)
+        _metrics.register(name, spec, module=fn.__module__)
         return fn
 
     return deco
 
 
-def _load() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for mod in _MODULES:
-        try:
-            importlib.import_module(f"{__name__}.{mod}")
-        except ModuleNotFoundError as e:  # a module of a later issue not written yet
-            if e.name != f"{__name__}.{mod}":
-                raise
-
-
 def all_metrics() -> list[MetricSpec]:
-    _load()
-    return list(_REGISTRY.values())
+    return _metrics.all()
 
 
 def get_metric(name: str, path: str = "metrics") -> MetricSpec:
-    _load()
-    key = name.strip().lower().replace("-", "_")
-    if key not in _REGISTRY:
-        choices = list(_REGISTRY) or ["(none available yet)"]
-        raise ConfigError(f"{path}: unknown metric {name!r}", suggest(name, choices))
-    return _REGISTRY[key]
+    """The spec of a metric by name; the error lists the close matches."""
+    return _metrics.get(name, path)

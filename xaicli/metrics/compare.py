@@ -71,6 +71,10 @@ def compare_runs(runs: list[RunFolder]) -> dict[str, Any]:
             rows.append({"run": str(run.path), "method": method, "images": len(common), "values": values})
     keys |= {k for row in rows for k in row["values"] if k in RUN_LEVEL}
     columns = [k for k in _ORDER if k in keys] + sorted(keys - set(_ORDER))
+    if not columns:
+        notes.append("no metric values in " + ("these runs" if len(runs) > 1 else "this run")
+                     + ": the table only counts images; to compare methods, rerun `xai explain` with "
+                     "`--metrics deletion,insertion` (or `metrics:` in the config; `xai metrics` lists them)")
     return {"runs": [str(r.path) for r in runs], "images": len(common), "columns": columns, "rows": rows,
             "notes": notes}
 

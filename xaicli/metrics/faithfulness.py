@@ -21,18 +21,18 @@ the batch's runner (the engine's budget, halved on out-of-memory).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import positive
-from ..methods.base import Batch, Runner, run_chunked
+from ..methods.batch import Batch
+from ..ops import gaussian_blur
 from ..render import to_input_size
 from . import register
+from .context import MetricContext
 
 
 def _odd_positive(v: int) -> str | None:
@@ -62,18 +62,6 @@ class DropIncreaseParams:
     """Average Drop / Increase in Confidence have no knobs: the map multiplies the normalised input."""
 
 
-def gaussian_blur(x: Tensor, kernel: int = 11, sigma: float = 5.0) -> Tensor:
-    """Separable Gaussian blur of (B, C, H, W), per channel, zero padding (in normalised space: the
-    mean colour), the RISE insertion substrate. Taps: a sampled Gaussian normalised to sum 1."""
-    r = kernel // 2
-    t = torch.arange(kernel, device=x.device, dtype=torch.float32) - r
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = (k / k.sum()).to(x.dtype)
-    c = x.shape[1]
-    y = F.conv2d(x, k.view(1, 1, 1, kernel).expand(c, 1, 1, kernel), padding=(0, r), groups=c)
-    return F.conv2d(y, k.view(1, 1, kernel, 1).expand(c, 1, kernel, 1), padding=(r, 0), groups=c)
-
-
 def auc(curves: Tensor) -> Tensor:
     """Normalised trapezoid area of (B, n+1) curves over x in [0, 1]: (sum - first/2 - last/2) / n.
     A constant curve c has area c."""
@@ -91,18 +79,6 @@ def step_counts(n_pixels: int, steps: int, pixels_per_step: int | None, device: 
     return torch.arange(steps + 1, device=device) * n_pixels // steps
 
 
-def lazy_probs(runner: Runner, build: Callable[[slice], Tensor], n: int, targets: Tensor) -> Tensor:
-    """Target-class softmax probability of ``n`` inputs that ``build(slice)`` makes on demand, in
-    chunks of the runner's budget (halved on out-of-memory): only one chunk lives at a time."""
-
-    def one(sl: slice) -> Tensor:
-        with torch.inference_mode(), runner.autocast():
-            logits = runner.model(runner.prepare(build(sl))).float()
-        return logits.softmax(1).gather(1, targets[sl, None]).squeeze(1)
-
-    return run_chunked(one, n, runner.budget)
-
-
 def perturbation_curves(batch: Batch, maps: Tensor, p: DeletionParams, insert: bool) -> Tensor:
     """(B, n+1) probabilities along the deletion (``insert`` False) or insertion curve."""
     x = batch.x
@@ -113,18 +89,20 @@ def perturbation_curves(batch: Batch, maps: Tensor, p: DeletionParams, insert: b
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(hw, device=x.device).expand(b, hw))
     counts = step_counts(hw, p.steps, p.pixels_per_step, x.device)
     points = counts.numel()
-    base = gaussian_blur(x, p.blur_kernel, p.blur_sigma) if p.substrate == "blur" else torch.zeros_like(x)
+    if p.substrate == "blur":
+        base = gaussian_blur(x, p.blur_sigma, radius=p.blur_kernel // 2, pad="zero")
+    else:
+        base = torch.zeros_like(x)
     # A changed pixel becomes `new`, an unchanged one stays `old`.
     old, new = (base, x) if insert else (x, base)
 
-    def build(sl: slice) -> Tensor:
-        idx = torch.arange(sl.start, sl.stop, device=x.device)
+    def build(idx: Tensor) -> Tensor:
         img, step = idx // points, idx % points
         changed = (rank[img] < counts[step][:, None]).view(-1, 1, h, w)
         return torch.where(changed, new[img], old[img])
 
     targets = batch.targets.repeat_interleave(points)
-    return lazy_probs(batch.runner, build, b * points, targets).view(b, points)
+    return batch.runner.scores_of(build, b * points, targets, prob=True).view(b, points)
 
 
 def _curve_metric(batch: Batch, maps: Tensor, p: DeletionParams, name: str, insert: bool) -> dict[str, Tensor]:
@@ -137,21 +115,21 @@ def _curve_metric(batch: Batch, maps: Tensor, p: DeletionParams, name: str, inse
 
 @register("deletion", summary="RISE deletion AUC: probability as the most salient pixels are removed (lower is better)",
           params=DeletionParams, outputs=("deletion_auc", "deletion_curve"), cost=lambda p: p.steps + 1)
-def deletion(batch: Batch, maps: Tensor, p: DeletionParams) -> dict[str, Tensor]:
+def deletion(batch: Batch, maps: Tensor, p: DeletionParams, ctx: MetricContext) -> dict[str, Tensor]:
     """``deletion_auc`` (B,) and, with ``save_curve``, ``deletion_curve`` (B, n+1), which starts at p(x)."""
     return _curve_metric(batch, maps, p, "deletion", insert=False)
 
 
 @register("insertion", summary="RISE insertion AUC: probability as the most salient pixels are restored (higher is better)",
           params=InsertionParams, outputs=("insertion_auc", "insertion_curve"), cost=lambda p: p.steps + 1)
-def insertion(batch: Batch, maps: Tensor, p: InsertionParams) -> dict[str, Tensor]:
+def insertion(batch: Batch, maps: Tensor, p: InsertionParams, ctx: MetricContext) -> dict[str, Tensor]:
     """``insertion_auc`` (B,) and, with ``save_curve``, ``insertion_curve`` (B, n+1), which ends at p(x)."""
     return _curve_metric(batch, maps, p, "insertion", insert=True)
 
 
 @register("drop_increase", summary="Grad-CAM++ Average Drop (lower is better) and Increase in Confidence",
           params=DropIncreaseParams, outputs=("avg_drop", "increase"), cost=lambda p: 2)
-def drop_increase(batch: Batch, maps: Tensor, p: DropIncreaseParams) -> dict[str, Tensor]:
+def drop_increase(batch: Batch, maps: Tensor, p: DropIncreaseParams, ctx: MetricContext) -> dict[str, Tensor]:
     """``avg_drop`` = max(0, p - o) / p and ``increase`` = 1[o > p] (B,), with p the probability of
     the target on x and o on x * map (map in [0, 1], broadcast over channels, normalised space);
     both from the same runner pass so an all-ones map gives exactly 0 and 0."""
@@ -159,12 +137,11 @@ def drop_increase(batch: Batch, maps: Tensor, p: DropIncreaseParams) -> dict[str
     b, _, h, w = x.shape
     m = to_input_size(maps.float(), (h, w))[:, None].to(x.dtype)
 
-    def build(sl: slice) -> Tensor:
-        idx = torch.arange(sl.start, sl.stop, device=x.device)
+    def build(idx: Tensor) -> Tensor:
         img, masked = idx % b, idx >= b
         return torch.where(masked.view(-1, 1, 1, 1), x[img] * m[img], x[img])
 
-    probs = lazy_probs(batch.runner, build, 2 * b, batch.targets.repeat(2))
+    probs = batch.runner.scores_of(build, 2 * b, batch.targets.repeat(2), prob=True)
     clean, masked = probs[:b], probs[b:]
     drop = (clean - masked).clamp_min(0) / clean.clamp_min(1e-12)
     return {"avg_drop": drop, "increase": (masked > clean).float()}

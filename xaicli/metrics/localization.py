@@ -29,14 +29,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..config import non_negative
-from ..methods.base import Batch
+from ..methods.batch import Batch
 from . import register
 from .context import MetricContext, boxes_to_original
 
@@ -159,7 +159,7 @@ def _to(x: np.ndarray, like: Tensor) -> Tensor:
 
 
 @register("boxes", summary="CAM boxes: largest component above a fraction of the map max, in image pixels",
-          params=BoxesParams, outputs=("boxes",), context=True)
+          params=BoxesParams, outputs=("boxes",), draws="boxes")
 def boxes(batch: Batch, maps: Tensor, p: BoxesParams, ctx: MetricContext) -> dict[str, Tensor]:
     """``boxes`` (B, T, 4): one inclusive [x0, y0, x1, y1] per threshold in original pixels, NaN when
     no pixel is above the threshold."""
@@ -197,7 +197,8 @@ def energy(batch: Batch, maps: Tensor, p: EnergyParams, ctx: MetricContext) -> d
 
 
 @register("box_iou", summary="Best IoU of the map's box with a ground-truth box, and MaxBoxAcc over the run",
-          params=BoxIouParams, outputs=("box_iou", "box_iou_curve"), ground_truth=True)
+          params=BoxIouParams, outputs=("box_iou", "box_iou_curve"), ground_truth=True,
+          summarise=lambda per_image, params: box_acc_summary(per_image, params))
 def box_iou_metric(batch: Batch, maps: Tensor, p: BoxIouParams, ctx: MetricContext) -> dict[str, Tensor]:
     """``box_iou`` (B,) at ``threshold`` and ``box_iou_curve`` (B, T) on the threshold grid
     (0 when the map has no box there; NaN without ground truth)."""
@@ -218,3 +219,37 @@ def _input_frame(maps: Tensor, like: Tensor) -> Tensor:
     from ..render import to_input_size
 
     return to_input_size(maps.float(), (int(like.shape[-2]), int(like.shape[-1])))
+
+
+# --------------------------------------------------------------------------------------------
+# Run-level: MaxBoxAcc
+
+
+def box_acc_summary(per_image: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """box_iou's run-level values from one method's per-image ``box_iou_curve`` lists (images
+    without ground truth have null curves and are left out)."""
+    curves = [[float(v) for v in c] for m in per_image
+              if isinstance(c := m.get("box_iou_curve"), list) and c and all(isinstance(v, (int, float)) for v in c)]
+    return max_box_acc_values(curves, params) if curves else {}
+
+
+def max_box_acc_values(curves: list[list[float]], params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """MaxBoxAcc (V1 at ``delta``) and MaxBoxAccV2 (mean over ``deltas``) from IoU-by-threshold curves
+    on the ``curve_interval`` grid of the box_iou params."""
+    defaults = BoxIouParams()
+    delta = float(params.get("delta", defaults.delta))
+    deltas = [float(d) for d in params.get("deltas", defaults.deltas)]
+    lengths = {len(c) for c in curves}
+    if len(lengths) != 1:  # curves from different grids cannot be pooled
+        return {}
+    arr = np.asarray(curves, dtype=np.float64)
+    grid = threshold_grid(float(params.get("curve_interval", defaults.curve_interval)))
+    if len(grid) != arr.shape[1]:
+        grid = np.arange(arr.shape[1]) / arr.shape[1]
+    v1, t1 = max_box_acc(arr, grid, delta)
+    v2 = [max_box_acc(arr, grid, d)[0] for d in deltas]
+    return {
+        "max_box_acc": {"value": v1, "n": len(curves), "delta": delta, "threshold": round(t1, 6)},
+        "max_box_acc_v2": {"value": sum(v2) / len(v2), "n": len(curves), "deltas": deltas,
+                           "per_delta": [round(v, 6) for v in v2]},
+    }

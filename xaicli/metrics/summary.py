@@ -1,9 +1,8 @@
 """Run-level aggregates of the per-image numbers in scores.jsonl (for run.json and `xai compare`).
 
 Per method, every numeric per-image value gets ``{mean, std, n}``. Values that only exist over a
-run get ``{value, n, ...}``: ``max_box_acc`` (MaxBoxAcc at the ``box_iou`` metric's ``delta``, with
-the best ``threshold``) and ``max_box_acc_v2`` (mean over its ``deltas``), from the per-image
-``box_iou_curve`` lists (images without ground truth have null curves and are left out).
+run get ``{value, n, ...}`` from the ``summarise`` hook of the metric that declares them (box_iou's
+``max_box_acc`` and ``max_box_acc_v2``, see metrics/localization.py).
 """
 
 from __future__ import annotations
@@ -34,18 +33,19 @@ def aggregate(
     records: list[dict[str, Any]], metrics: list[dict[str, Any]] | None = None
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """method -> value name -> {mean, std, n} over the run's successful images, plus run-level
-    values. ``metrics``: run.json's list of {name, params} (for MaxBoxAcc's IoU bounds)."""
+    values. ``metrics``: run.json's list of {name, params} (the knobs of run-level values, e.g.
+    MaxBoxAcc's IoU bounds; defaults where a metric is not listed)."""
+    from . import all_metrics
+
     values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    curves: dict[str, list[list[float]]] = defaultdict(list)
+    per_image: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         if r.get("status") != "ok":
             continue
         for e in r.get("explanations", []):
             for k, v in _numbers(e).items():
                 values[e["method"]][k].append(v)
-            c = (e.get("metrics") or {}).get("box_iou_curve")
-            if isinstance(c, list) and c and all(isinstance(v, (int, float)) for v in c):
-                curves[e["method"]].append([float(v) for v in c])
+            per_image[e["method"]].append(e.get("metrics") or {})
     out: dict[str, dict[str, dict[str, float]]] = {}
     for method, by_name in values.items():
         out[method] = {}
@@ -54,33 +54,12 @@ def aggregate(
             mean = sum(vs) / n
             std = math.sqrt(sum((v - mean) ** 2 for v in vs) / (n - 1)) if n > 1 else 0.0
             out[method][name] = {"mean": mean, "std": std, "n": n}
-    params = next((m.get("params") or {} for m in metrics or [] if m.get("name") == "box_iou"), {})
-    for method, cs in curves.items():
-        out.setdefault(method, {}).update(max_box_acc_values(cs, params))
+    knobs = {m.get("name"): m.get("params") or {} for m in metrics or []}
+    for spec in all_metrics():
+        if spec.summarise is None:
+            continue
+        for method, entries in per_image.items():
+            run_level = spec.summarise(entries, knobs.get(spec.name, {}))
+            if run_level:
+                out.setdefault(method, {}).update(run_level)
     return out
-
-
-def max_box_acc_values(curves: list[list[float]], params: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """MaxBoxAcc (V1 at ``delta``) and MaxBoxAccV2 (mean over ``deltas``) from IoU-by-threshold curves
-    on the ``curve_interval`` grid of the box_iou params."""
-    import numpy as np
-
-    from .localization import BoxIouParams, max_box_acc, threshold_grid
-
-    defaults = BoxIouParams()
-    delta = float(params.get("delta", defaults.delta))
-    deltas = [float(d) for d in params.get("deltas", defaults.deltas)]
-    lengths = {len(c) for c in curves}
-    if len(lengths) != 1:  # curves from different grids cannot be pooled
-        return {}
-    arr = np.asarray(curves, dtype=np.float64)
-    grid = threshold_grid(float(params.get("curve_interval", defaults.curve_interval)))
-    if len(grid) != arr.shape[1]:
-        grid = np.arange(arr.shape[1]) / arr.shape[1]
-    v1, t1 = max_box_acc(arr, grid, delta)
-    v2 = [max_box_acc(arr, grid, d)[0] for d in deltas]
-    return {
-        "max_box_acc": {"value": v1, "n": len(curves), "delta": delta, "threshold": round(t1, 6)},
-        "max_box_acc_v2": {"value": sum(v2) / len(v2), "n": len(curves), "deltas": deltas,
-                           "per_delta": [round(v, 6) for v in v2]},
-    }

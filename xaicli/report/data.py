@@ -222,6 +222,8 @@ def run_legend(run: Mapping[str, Any], method: str) -> Legend | None:
 
 
 def _signed_mode(method: str, params: Mapping[str, Any]) -> str | None:
+    from types import SimpleNamespace
+
     from ..errors import XaiError
     from ..methods import get_method
 
@@ -229,4 +231,5 @@ def _signed_mode(method: str, params: Mapping[str, Any]) -> str | None:
         spec = get_method(method)
     except XaiError:
         return None
-    return str(params.get("render", "diverging")) if spec.signed else None
+    mode, _ = spec.display(SimpleNamespace(**params))  # the run.json params as the knobs object
+    return mode

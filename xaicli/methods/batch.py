@@ -7,10 +7,12 @@ import hashlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, overload
 
 import torch
 from torch import Tensor, nn
+
+from ..errors import MethodError
 
 if TYPE_CHECKING:
     from ..layers import LayerRef
@@ -74,6 +76,13 @@ class Runner:
     autocast: Callable[[], AbstractContextManager[object]] = nullcontext
     memory_format: torch.memory_format = torch.contiguous_format
     precision: str = "fp32"
+    # Told the number of inputs after each chunk that went through the model (the run's progress
+    # display counts passes inside a batch with it); never told of a chunk that failed.
+    on_pass: Callable[[int], None] | None = None
+
+    def _passed(self, n: int) -> None:
+        if self.on_pass is not None:
+            self.on_pass(n)
 
     def prepare(self, x: Tensor) -> Tensor:
         return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
@@ -83,7 +92,9 @@ class Runner:
 
         def one(sl: slice) -> Tensor:
             with torch.inference_mode(), self.autocast():
-                return self.model(self.prepare(x[sl])).float()
+                out = self.model(self.prepare(x[sl])).float()
+            self._passed(sl.stop - sl.start)
+            return out
 
         return run_chunked(one, x.shape[0], self.budget)
 
@@ -93,9 +104,29 @@ class Runner:
         def one(sl: slice) -> Tensor:
             with torch.inference_mode(), self.autocast():
                 out = self.model(self.prepare(x[sl])).float()
+            self._passed(sl.stop - sl.start)
             return out.gather(1, targets[sl, None]).squeeze(1)
 
         return run_chunked(one, x.shape[0], self.budget)
+
+    def scores_of(
+        self, build: Callable[[Tensor], Tensor], n: int, targets: Tensor, prob: bool = False
+    ) -> Tensor:
+        """Target scores (n,) of ``n`` inputs made on demand, without gradients: ``build(idx)``
+        returns the inputs of the items ``idx`` (int64 indices on the device), one chunk of the
+        budget at a time (halved on out-of-memory), so only one chunk of inputs lives at a time.
+        ``targets`` is (n,); ``prob``: the target's softmax probability instead of its logit."""
+
+        def one(sl: slice) -> Tensor:
+            idx = torch.arange(sl.start, sl.stop, device=targets.device)
+            with torch.inference_mode():
+                xs = build(idx)
+                with self.autocast():
+                    out = self.model(self.prepare(xs)).float()
+            self._passed(sl.stop - sl.start)
+            return (out.softmax(1) if prob else out).gather(1, targets[idx, None]).squeeze(1)
+
+        return run_chunked(one, n, self.budget)
 
     def input_gradients(self, x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """d logit[target] / d input for each input, and the target logits, chunked."""
@@ -108,6 +139,7 @@ class Runner:
             score = out.gather(1, targets[sl, None]).squeeze(1)
             (g,) = torch.autograd.grad(score.sum(), xi)
             grads.append(g.float())
+            self._passed(sl.stop - sl.start)
             return score.detach()
 
         # run_chunked retries a slice on OOM; drop a partial result of the failed try.
@@ -144,11 +176,6 @@ class PixelSpace:
         mean, std = self._stats(pixels)
         return (pixels - mean) / std
 
-    def to_pixels(self, x: Tensor) -> Tensor:
-        """(B, C, H, W) model input -> pixel values (in [0, 1] for a real image)."""
-        mean, std = self._stats(x)
-        return x * std + mean
-
 
 @dataclass
 class Batch:
@@ -164,6 +191,9 @@ class Batch:
     input_grad: Tensor | None = None  # d logit[target] / d x, float32
     seeds: Tensor | None = None  # (B,) int64, one seed per image (stable across batch sizes)
     pixels: PixelSpace = field(default_factory=PixelSpace)  # input normalisation (black image, noise range)
+    # Run the methods' consistency checks that read values back to the host (a sync on a GPU).
+    # The folder run does them once, in setup's dry run, and not on every batch.
+    checks: bool = True
 
     @property
     def model(self) -> nn.Module:
@@ -172,6 +202,26 @@ class Batch:
     @property
     def size(self) -> int:
         return int(self.x.shape[0])
+
+    @overload
+    def spatial(self, grads: Literal[True] = True) -> tuple[Tensor, Tensor]: ...
+    @overload
+    def spatial(self, grads: bool) -> tuple[Tensor, Tensor | None]: ...
+
+    def spatial(self, grads: bool = True) -> tuple[Tensor, Tensor | None]:
+        """The target layer's activations A and gradients G = d logit[target] / d A, (B, C, h, w)
+        each; ``grads`` False: G is not required (None when the pass took no gradients). A
+        MethodError when the pass did not capture them or the layer gives no spatial map."""
+        a, g = self.activations, self.gradients
+        if a is None or (grads and g is None):
+            raise MethodError("this method needs the target layer's activations and gradients")
+        if a.dim() != 4:
+            raise MethodError(
+                f"target layer {self.layer.spec if self.layer else '?'} gives shape {tuple(a.shape)}, "
+                "not a spatial map (B, C, h, w)",
+                "pick a convolutional layer (`xai layers` prints the shapes)",
+            )
+        return a, g
 
     def target_scores(self) -> Tensor:
         return self.logits.gather(1, self.targets[:, None]).squeeze(1)
