@@ -196,6 +196,19 @@ def explain(
     resume: Annotated[bool, typer.Option("--resume", help="Skip images already complete in --out.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier run in --out.")] = False,
     shard: Annotated[str | None, typer.Option("--shard", help="Process only part I of N of the sorted list: I/N.")] = None,
+    annotate: Annotated[
+        bool | None,
+        typer.Option("--annotate/--no-annotate", help="Caption under each overlay: method, class, probability, "
+                     "rank, colour bar (default on; --no-annotate: bare overlays)."),
+    ] = None,
+    grid: Annotated[
+        bool | None, typer.Option("--grid", help="Also write grid.png: a contact sheet of the run.", show_default=False)
+    ] = None,
+    report: Annotated[
+        bool | None,
+        typer.Option("--report", help="Also write report.html: summary, plots and every image (offline HTML).",
+                     show_default=False),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
 ) -> None:
     """Explain every image in a folder: overlays, optional raw maps, scores.jsonl and run.json.
@@ -219,7 +232,8 @@ def explain(
         cfg = apply_overrides(
             cfg, method=method, layer=layer, target=target, device=device, batch_size=batch_size,
             workers=workers, precision=precision, save_maps=save_maps, fmt=fmt, metrics=metrics,
-            ground_truth=str(ground_truth) if ground_truth is not None else None,
+            ground_truth=str(ground_truth) if ground_truth is not None else None, annotate=annotate,
+            grid=grid or None, report=report or None,
         )
         result = run_explain(
             cfg, images, out, progress=_progress(quiet), resume=resume, overwrite=overwrite,
@@ -229,7 +243,18 @@ def explain(
             _summary(result)
             if result.run.get("metrics") and result.ok:
                 _print_comparison([result.out], as_json=False)
+            _pictures_written(result.out, result.pending)
         raise typer.Exit(result.exit_code)
+
+
+def _pictures_written(out: Path, pending: list[str]) -> None:
+    """Say where the report and the contact sheet are (once the run has finished them)."""
+    if pending:
+        return
+    found = [p for p in (out / "report.html", out / "grid.png") if p.is_file()]
+    found += sorted(out.glob("grid-[0-9][0-9][0-9].png"))
+    for p in found:
+        err_console.print(f"  wrote {p}", highlight=False, soft_wrap=True)
 
 
 def _summary(result: Any) -> None:
@@ -260,10 +285,47 @@ def _summary(result: Any) -> None:
 def compare(
     runs: Annotated[list[Path], typer.Argument(help="Run folders written by `xai explain --out`.")],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    report: Annotated[
+        bool, typer.Option("--report", help="Write OUT/report.html: the runs side by side on the images they share.")
+    ] = False,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder of the --report.")] = Path("xai-compare"),
+    images: Annotated[
+        Path | None, typer.Option("--images", help="Where the originals are, if they moved since the runs.")
+    ] = None,
 ) -> None:
-    """Compare methods on the same images: metric means ± std per run and method."""
+    """Compare methods on the same images: metric means ± std per run and method (and, with
+    --report, an HTML page with the runs' overlays side by side)."""
     with user_errors():
         _print_comparison(runs, as_json)
+        if report:
+            from .report import write_compare_report
+
+            path = write_compare_report(runs, out, images=images, progress=_progress(as_json))
+            err_console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+
+
+@app.command(name="report")
+def report_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `xai explain --out`.")],
+    grid: Annotated[bool, typer.Option("--grid", help="Also write grid.png, the contact sheet.")] = False,
+    images: Annotated[
+        Path | None, typer.Option("--images", help="Where the originals are, if they moved since the run.")
+    ] = None,
+) -> None:
+    """Write RUN_DIR/report.html: the run's summary, metric plots, check and sanity results, and
+    every image with its overlays, top-k and scores (filter, sort, search). Offline, self-contained
+    (thumbnails under RUN_DIR/report/); rerun after `xai check --out RUN_DIR` to include its results.
+
+    Exit codes: 0 written, 2 not a run folder, 3 cannot write.
+    """
+    with user_errors():
+        from .report import write_grid, write_report
+
+        paths = [write_report(run_dir, images=images, progress=_progress())]
+        if grid:
+            paths += write_grid(run_dir, images=images)
+        for p in paths:
+            err_console.print(f"wrote {p}", highlight=False, soft_wrap=True)
 
 
 def _print_comparison(runs: list[Path], as_json: bool) -> None:
@@ -506,6 +568,10 @@ def check(
                         progress=_progress(quiet), sanity_progress=lambda: _progress(quiet), argv=sys.argv)
         if junit is not None:
             atomic_write(junit, junit_xml(res.outcomes, time_s=res.seconds))
+        if out is not None and (out / "report.html").is_file():
+            from .report import write_report
+
+            write_report(out)  # the report of this run now shows the check (and sanity) results
         _print_wide(table(res.outcomes, title=f"xai check: {expect.name}"))
         n_fail = sum(1 for o in res.outcomes if not o.passed)
         console.print(f"[bold {'red' if n_fail else 'green'}]{len(res.outcomes) - n_fail} of {len(res.outcomes)} "

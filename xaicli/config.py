@@ -197,6 +197,13 @@ class OutputConfig:
     save_maps: bool = False
     topk: int = field(default=5, metadata={"check": at_least(1)})
     jpeg_quality: int = field(default=90, metadata={"check": _quality})
+    # A caption strip under each overlay: method, explained class, probability, rank, a colour bar.
+    annotate: bool = True
+    # How each method's map is drawn: {METHOD: {clip: PERCENTILE, blend: alpha|heat}}; defaults per
+    # method (render.default_style), validated by plan.resolve_plan.
+    style: dict[str, Any] = field(default_factory=dict)
+    grid: bool = False  # grid.png: a contact sheet of the run (written when the run finishes)
+    report: bool = False  # report.html: the run's summary and image grid (written when the run finishes)
 
 
 @dataclass(frozen=True)
@@ -646,6 +653,9 @@ _FIELD_OVERRIDES = {
     "seed": ("runtime", "seed"),
     "save_maps": ("output", "save_maps"),
     "fmt": ("output", "format"),
+    "annotate": ("output", "annotate"),
+    "grid": ("output", "grid"),
+    "report": ("output", "report"),
 }
 
 

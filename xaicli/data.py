@@ -98,7 +98,7 @@ class DecodeError(Exception):
         self.message = message
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
     """Every PIL mode to 8-bit RGB: alpha composited on white, 16-bit and float scaled, CMYK etc.
     converted by PIL."""
     mode = im.mode
@@ -163,7 +163,7 @@ def load_image(path: Path, limits: DecodeLimits | None = None) -> tuple[Tensor, 
             except Exception:  # a broken EXIF block must not lose the image
                 pass
             original = (w, h) if im.size != loaded else (h, w)  # turned by a quarter: as oriented
-            rgb = _reduce(_to_rgb(im), limits.decode_pixels)
+            rgb = _reduce(to_rgb(im), limits.decode_pixels)
             arr = np.array(rgb, dtype=np.uint8)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DecodeError("too_large", f"image too large: {e}") from None

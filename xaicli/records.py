@@ -144,9 +144,21 @@ def ok_records(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return [r for r in records if r.get("status") == "ok"]
 
 
+def file_safe(label: str, index: int, limit: int = 40) -> str:
+    """A class name as a file name part: lower-case ASCII letters, digits and ``_`` (accents
+    dropped, any other run of characters one ``_``), at most ``limit`` characters; ``class_INDEX``
+    when nothing is left (e.g. a name in another script)."""
+    import re
+    import unicodedata
+
+    ascii_name = unicodedata.normalize("NFKD", label).encode("ascii", "ignore").decode()
+    safe = re.sub(r"[^a-z0-9]+", "_", ascii_name.lower()).strip("_")[:limit].rstrip("_")
+    return safe or f"class_{index}"
+
+
 # Bytes of an output file name left for the stem: file systems take 255, and the suffix
-# (".integrated_gradients.top10.png") and the temporary name's own part need the rest.
-MAX_STEM_BYTES = 180
+# (".integrated_gradients.top10-<class name, at most 40>.png") needs the rest.
+MAX_STEM_BYTES = 160
 
 
 def output_names(rels: Sequence[str]) -> dict[str, str]:

@@ -18,7 +18,7 @@ import platform
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from . import records
+from .annotate import Caption, Legend, annotate, lut_array
 from .config import Config, TargetConfig
 from .data import (
     DecodeLimits,
@@ -60,7 +61,8 @@ from .outputs import (
     prepare_out_dir,
 )
 from .plan import Plan, resolve_plan
-from .render import Palette, compose, normalize, place, to_input_size
+from .render import Palette, Style, compose, normalize, place, to_input_size
+from .report import finish_pictures
 from .shards import Layout, MergeResult, merge_folder
 
 # --------------------------------------------------------------------------------------------
@@ -182,6 +184,8 @@ class RunContext:
     palette: Palette
     explainer: Any  # engine.Explainer
     targets: dict[str, int] | None = None  # per-image targets (file or folder): image rel path -> class
+    styles: Mapping[str, Style] = field(default_factory=dict)  # method name -> how its maps are drawn
+    legends: Mapping[str, Legend] = field(default_factory=dict)  # method name -> its caption's colour bar
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,8 +244,9 @@ def merge_run(out: Path, *, partial: bool = False) -> MergeResult | None:
 
 # Steps that run once per run when the whole run's scores.jsonl and run.json are on disk: at the
 # end of an unsharded run, and in the one process that merged a sharded or torchrun run (or
-# `xai merge`). Each step takes (run folder, run.json).
-FINISH_STEPS: tuple[Callable[[Path, dict[str, Any]], None], ...] = ()
+# `xai merge`). Each step takes (run folder, run.json). The contact sheet and the report
+# (output.grid, output.report) are written here.
+FINISH_STEPS: tuple[Callable[[Path, dict[str, Any]], None], ...] = (finish_pictures,)
 
 
 def finish_run(out: Path, run: dict[str, Any]) -> None:
@@ -271,7 +276,7 @@ def _run(req: RunRequest, plan: Plan, layout: Layout, listed: ListedImages, prog
     if layout.is_main:  # once per run, not once per torchrun rank
         for message in st.warnings:
             progress.warn(message)
-    described = _describe(req, st, layout, clock)
+    described = _describe(req, st, layout, clock, plan.styles)
     layout.adopt_plan(described, resume=req.resume)  # a changed config never mixes with the earlier run
     entries = layout.select(listed.entries)
     done = layout.done() if req.resume else {}
@@ -284,7 +289,8 @@ def _run(req: RunRequest, plan: Plan, layout: Layout, listed: ListedImages, prog
     o = cfg.output
     ctx = RunContext(st, req.out, records.output_names([e.rel for e in listed.entries]), writer,
                      Palette.of(o.colormap, o.diverging_colormap, o.alpha, st.device),
-                     st.explainer(keep_batches=bool(st.metrics), on_method=_hook(progress, "method")), targets)
+                     st.explainer(keep_batches=bool(st.metrics), on_method=_hook(progress, "method")), targets,
+                     plan.styles, _legends(st, plan.styles))
     st.runner.on_pass = _hook(progress, "passes")
     if st.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(st.device)
@@ -357,7 +363,19 @@ def _worker_notes(requested: int) -> list[str]:
     return [f"--workers {requested} capped to {cpus}, the CPUs this process may use"]
 
 
-def _describe(req: RunRequest, st: Setup, layout: Layout, clock: _Clock) -> dict[str, Any]:
+def _legends(st: Setup, styles: Mapping[str, Style]) -> dict[str, Legend]:
+    """The colour bar of each method's captions (what its colours mean, as it is drawn)."""
+    o = st.cfg.output
+    out = {}
+    for spec, params in st.methods:
+        mode, _ = spec.display(params)
+        style = styles.get(spec.name, Style())
+        lut = lut_array(o.diverging_colormap if mode == "diverging" else o.colormap)
+        out[spec.name] = Legend.of(lut, mode, style.blend, o.alpha, style.clip)
+    return out
+
+
+def _describe(req: RunRequest, st: Setup, layout: Layout, clock: _Clock, styles: Mapping[str, Style]) -> dict[str, Any]:
     """What run.json says of a run that is known at its start, in run.json's order (``finished``
     and ``counts`` are filled in at the end). Written as the folder's plan file when it starts."""
     pre, device = st.loaded.preprocess, st.device
@@ -380,8 +398,8 @@ def _describe(req: RunRequest, st: Setup, layout: Layout, clock: _Clock) -> dict
         "preprocess": {"resize": pre.resize, "crop": pre.crop, "mean": pre.mean, "std": pre.std,
                        "interpolation": pre.interpolation, "input_size": list(pre.input_size)},
         "target": st.target.describe(),
-        "methods": [{"name": s.name, "params": _params_dict(p), "passes": s.cost_text(p, channels)}
-                    for s, p in st.methods],
+        "methods": [{"name": s.name, "params": _params_dict(p), "passes": s.cost_text(p, channels),
+                     "style": _params_dict(styles.get(s.name, Style()))} for s, p in st.methods],
         "metrics": [{"name": s.name, "params": _params_dict(p)} for s, p in st.metrics],
         "device": {"type": device.type,
                    "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()},
@@ -611,32 +629,26 @@ class _BatchOutputs:
         norm = normalize(raw, mode)
         metric_vals = self._metrics(self.res.batches[j], raw, mode) if st.metrics else {}
         extras = {k: v.detach().float().cpu() for k, v in mres.extras[j].items()}
-        suffix = f".{spec.name}" + target_suffix(st.target, j)
         source = target_source(st.target, j)
-        boxes = next((b for ms, mp in st.metrics if (b := ms.boxes_to_draw(mp, metric_vals)) is not None), None)
+        boxes, thresholds = self._drawn_boxes(metric_vals)
         overlays, peaks = compose(self.images, norm, self.windows, self.ctx.palette, signed=mode == "diverging",
-                                  boxes=boxes, overlays=o.overlays)
+                                  boxes=boxes, overlays=o.overlays, style=self.ctx.styles.get(spec.name))
         layer = st.layer.spec if (st.layer is not None and spec.needs_layer) else None
-        for i, rel in enumerate(self.batch.rels):
-            stem = self.ctx.names[rel]
-            files: records.Files = {"overlay": None, "map": None}
-            if overlays[i] is not None:
-                files["overlay"] = overlay_file(stem, suffix, o.format)
-                self.jobs[i].append((self.ctx.out / files["overlay"],
-                                     partial(encode_image, overlays[i], o.format, o.jpeg_quality)))
-            if o.save_maps:
-                files["map"] = map_file(stem, suffix)
-                arr = _map_array(raw[i], self.sizes[i], self.windows[i])
-                self.jobs[i].append((self.ctx.out / files["map"], partial(encode_npy, arr)))
+        for i in range(len(self.batch.rels)):
+            target = self.preds.target(i, j, st.loaded.label)
+            if source is not None:
+                target["source"] = source
+            suffix = f".{spec.name}" + target_suffix(st.target, j) + (
+                f"-{records.file_safe(target['label'], target['index'])}" if st.target.mode == "topk" else "")
+            tags = list(zip(boxes[i].reshape(-1, 4).tolist(), thresholds, strict=False)) if boxes is not None else []
+            files = self._files(i, overlays[i], suffix, raw[i], Caption(spec.name, target["label"], target["prob"],
+                                                                         target["rank"]), tags)
             map_stats: records.MapStats = {
                 "shape": list(raw.shape[1:]), "min": float(stats[i, 0]), "max": float(stats[i, 1]),
                 "mean": float(stats[i, 2]), "peak": self._peak(i, int(peaks[i]))}
             values: dict[str, Any] = {k: records.json_ready(v[i].tolist()) for k, v in extras.items()}
             if metric_vals:
                 values["metrics"] = {k: records.json_ready(v[i].tolist()) for k, v in metric_vals.items()}
-            target = self.preds.target(i, j, st.loaded.label)
-            if source is not None:
-                target["source"] = source
             self.entries[i].append(records.explanation_entry(spec.name, layer, target, map_stats, files, values))
 
     def _peak(self, i: int, flat: int) -> list[int]:
@@ -646,6 +658,35 @@ class _BatchOutputs:
         if (h, w) == (oh, ow):
             return [x, y]
         return [min(ow - 1, int((x + 0.5) * ow / w)), min(oh - 1, int((y + 0.5) * oh / h))]
+
+    def _drawn_boxes(self, metric_vals: dict[str, Tensor]) -> tuple[Tensor | None, tuple[float, ...]]:
+        """The boxes a metric draws on the overlays (B, T, 4), and the thresholds they are tagged
+        with (the metric's ``thresholds`` knob, when it has one)."""
+        for ms, mp in self.ctx.st.metrics:
+            b = ms.boxes_to_draw(mp, metric_vals)
+            if b is not None:
+                return b, tuple(getattr(mp, "thresholds", ()))
+        return None, ()
+
+    def _files(self, i: int, overlay: np.ndarray | None, suffix: str, raw: Tensor, caption: Caption,
+               tags: list[tuple[list[float], float]]) -> records.Files:
+        """Queue image ``i``'s overlay (annotated unless ``output.annotate`` is off) and raw map."""
+        o = self.ctx.st.cfg.output
+        stem = self.ctx.names[self.batch.rels[i]]
+        files: records.Files = {"overlay": None, "map": None}
+        if overlay is not None:
+            files["overlay"] = name = overlay_file(stem, suffix, o.format)
+            if o.annotate:
+                produce = partial(_encode_annotated, overlay, caption, self.ctx.legends[caption.method], tags,
+                                  o.format, o.jpeg_quality)
+            else:
+                produce = partial(encode_image, overlay, o.format, o.jpeg_quality)
+            self.jobs[i].append((self.ctx.out / name, produce))
+        if o.save_maps:
+            files["map"] = name = map_file(stem, suffix)
+            arr = _map_array(raw, self.sizes[i], self.windows[i])
+            self.jobs[i].append((self.ctx.out / name, partial(encode_npy, arr)))
+        return files
 
     def _metrics(self, mb: Batch, raw: Tensor, mode: str | None) -> dict[str, Tensor]:
         """Every metric of the run on one method's maps, at the model input's size and scaled as
@@ -667,6 +708,12 @@ class _BatchOutputs:
             rec = records.image_record(rel, self.originals[i], self.preds.topk(i, st.loaded.label), self.entries[i],
                                        decoded=self.sizes[i] if self.sizes[i] != self.originals[i] else None)
             self.ctx.writer.submit(rec, self.jobs[i])
+
+
+def _encode_annotated(rgb: np.ndarray, caption: Caption, legend: Legend, tags: list[tuple[list[float], float]],
+                      fmt: str, quality: int) -> bytes:
+    """An overlay with its caption strip and box tags, encoded (on a writer thread)."""
+    return encode_image(annotate(rgb, caption, legend, tags), fmt, quality)
 
 
 def _map_array(raw: Tensor, size: tuple[int, int], window: tuple[float, float, float, float]) -> np.ndarray:
