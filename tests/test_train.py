@@ -363,6 +363,19 @@ def test_cli_ctrl_c_exits_130_with_a_resume_hint(tmp_path, monkeypatch):
     assert r.exit_code == 130 and "rerun with --resume" in r.output
 
 
+def test_cli_sigterm_exits_143_with_a_resume_hint(tmp_path, monkeypatch):
+    import signal
+
+    from xaicli.cli import Interrupted
+
+    def terminated(*args, **kwargs):
+        raise Interrupted(signal.SIGTERM)  # what `xai`'s SIGTERM handler raises
+
+    monkeypatch.setattr("xaicli.train.run_train", terminated)
+    r = CliRunner().invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run")])
+    assert r.exit_code == 143 and "rerun with --resume" in r.output
+
+
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])
 def test_shipped_training_configs_build(name):
     from xaicli.heads import with_head
@@ -389,6 +402,28 @@ def test_ctrl_c_during_a_step_waits_for_the_step():
         os.kill(os.getpid(), signal.SIGINT)
         done.append("the step")
     assert done == ["the step"] and signal.getsignal(signal.SIGINT) is before
+
+
+def test_sigterm_during_a_step_waits_for_the_step_and_reaches_the_handler_before_it():
+    import os
+    import signal
+
+    from xaicli.cli import Interrupted
+    from xaicli.train.loop import _atomic_step
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)  # as `xai` installs it around a command
+    done = []
+    try:
+        with pytest.raises(Interrupted) as e, _atomic_step():
+            os.kill(os.getpid(), signal.SIGTERM)
+            done.append("the step")
+        assert done == ["the step"] and e.value.signum == signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.mark.slow

@@ -605,7 +605,8 @@ def train(
 
     Writes RUN/model.pth (best validation accuracy), RUN/config.yaml for `xai explain --config`,
     RUN/train.json (curves) and RUN/last.pth (resumable with --resume; Ctrl-C saves it too).
-    Exit codes: 0 trained, 2 usage or config error, 3 runtime error, 130 interrupted.
+    Exit codes: 0 trained, 2 usage or config error, 3 runtime error, 128 + N stopped by signal N
+    (130 Ctrl-C, 143 SIGTERM).
     """
     with user_errors():
         from .config import apply_overrides, load_config
@@ -617,10 +618,10 @@ def train(
         try:
             res = run_train(cfg, data, out, resume=resume, overwrite=overwrite, progress=RichTrainProgress(quiet),
                             argv=sys.argv)
-        except KeyboardInterrupt:
-            err_console.print(f"[bold red]interrupted[/]: the training state is saved in {out}/last.pth and the model "
-                              f"in {out}/model.pth; rerun with --resume to continue", highlight=False, soft_wrap=True)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP: 128 + the signal
+            say(("interrupted", "bold red"), f": the training state is saved in {out}/last.pth and the model in "
+                f"{out}/model.pth; rerun with --resume to continue")
+            raise typer.Exit(exit_code_of(e)) from None
         if not quiet:
             err_console.print(f"[bold green]done[/]: {res.epochs_done} epochs, best validation accuracy "
                               f"{res.best_val_acc:.4f} (epoch {res.best_epoch}) -> {out}/model.pth\n"

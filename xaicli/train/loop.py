@@ -356,21 +356,28 @@ class Trainer:
         }
 
 
+HELD_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
 @contextmanager
 def _atomic_step() -> Iterator[None]:
-    """Ctrl-C during an optimizer step is held until the step and its bookkeeping are done, then
-    raised: a checkpoint never holds half an update or a batch counted wrong."""
+    """Ctrl-C (or SIGTERM, SIGHUP) during an optimizer step is held until the step and its
+    bookkeeping are done, then delivered to the handler in place before the step (Ctrl-C:
+    KeyboardInterrupt; `xai train`: an interruption too): a checkpoint never holds half an update
+    or a batch counted wrong."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in HELD_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     if caught:
-        raise KeyboardInterrupt
+        signal.raise_signal(caught[0])
+        raise KeyboardInterrupt  # a handler that returned (SIG_IGN): stop as on Ctrl-C all the same
 
 
 def _optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
