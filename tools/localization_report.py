@@ -2,7 +2,7 @@
 synthetic validation set (`xai synth DIR`), against centred-box baselines.
 
     python tools/localization_report.py --data DIR RUN [RUN ...] [--methods cam,gradcam]
-                                        [--picture docs/images/training_maps.png] [--json out.json]
+                                        [--picture docs/training_maps.jpg] [--json out.json]
 
 For each RUN: `xai explain DIR/val --config RUN/config.yaml` into RUN/val-explain with the boxes at
 every threshold of the box_iou grid (0, 0.05, ..., 0.95); then per method: top-1 accuracy, the box
