@@ -75,6 +75,22 @@ class BatchResult:
     batches: list[Batch] = field(default_factory=list)  # per target rank, what the methods saw (for metrics)
 
 
+def targets_of(target: TargetConfig, logits: Tensor) -> Tensor:
+    """The classes (B, K) a run-wide target rule explains for a batch's logits (B, N): the
+    prediction, a fixed class (already an index, see :func:`resolve_target`) or the top k."""
+    b = logits.shape[0]
+    if target.per_image:
+        raise ConfigError(f"target: {target.describe()} gives a class per image file; pass the classes as targets=")
+    if target.mode == "topk":
+        return logits.topk(min(target.k, logits.shape[1]), dim=1).indices
+    if target.mode == "index":
+        assert target.index is not None
+        return torch.full((b, 1), target.index, dtype=torch.long, device=logits.device)
+    if target.mode == "name":
+        raise ConfigError(f"target: class name {target.name!r} not resolved to an index (engine.resolve_target)")
+    return logits.argmax(1, keepdim=True)
+
+
 class Explainer:
     """Tensors in, raw maps out: the shared pass and every method for one batch, on the device."""
 
@@ -104,16 +120,7 @@ class Explainer:
             raise ConfigError("target_layer: the chosen methods need a target layer")
 
     def targets_for(self, logits: Tensor) -> Tensor:
-        t = self.target
-        b = logits.shape[0]
-        if t.per_image:
-            raise ConfigError(f"target: {t.describe()} gives a class per image file; pass the classes as targets=")
-        if t.mode == "topk":
-            return logits.topk(min(t.k, logits.shape[1]), dim=1).indices
-        if t.mode == "index":
-            assert t.index is not None
-            return torch.full((b, 1), t.index, dtype=torch.long, device=logits.device)
-        return logits.argmax(1, keepdim=True)
+        return targets_of(self.target, logits)
 
     def __call__(self, x: Tensor, seeds: Tensor | None = None,
                  targets: Tensor | Callable[[Tensor], Tensor] | None = None) -> BatchResult:
