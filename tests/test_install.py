@@ -93,3 +93,4 @@ def test_wheel_carries_the_shipped_configs(tmp_path: Path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"xaicli/configs/{n}.yaml" for n in shipped_configs()} <= names
     assert "xaicli/data/imagenet_classes.txt" in names
+    assert "xaicli/py.typed" in names  # type checkers read the API's annotations

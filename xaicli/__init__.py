@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .api import Explained, explain, load_model
+    from .api import Explained, Model, explain, load_model
     from .config import load_config
     from .run import run_folder as run
 
-_API = {"explain": "api", "Explained": "api", "load_model": "api", "load_config": "config"}
+_API = {"explain": "api", "Explained": "api", "Model": "api", "load_model": "api", "load_config": "config"}
 
-__all__ = ["Explained", "__version__", "explain", "load_config", "load_model", "run"]
+__all__ = ["Explained", "Model", "__version__", "explain", "load_config", "load_model", "run"]
 
 
 def __getattr__(name: str) -> Any:

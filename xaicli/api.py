@@ -44,7 +44,7 @@ LayerSpec: TypeAlias = "str | nn.Module | LayerRef | None"
 TargetSpec: TypeAlias = "int | str | Sequence[Any] | Tensor | TargetConfig | None"
 PreprocessSpec: TypeAlias = "str | Preprocess | PreprocessConfig | Mapping[str, Any] | None"
 
-__all__ = ["Explained", "explain", "explain_tensor", "load_config", "load_model", "run_folder"]
+__all__ = ["Explained", "Model", "explain", "explain_tensor", "load_config", "load_model", "run_folder"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,7 +170,7 @@ def _label(labels: Sequence[str] | None, index: int) -> str:
 
 
 def explain(
-    model: nn.Module | LoadedModel,
+    model: nn.Module | Model | LoadedModel,
     images: Images,
     method: str | Sequence[str] = "gradcam",
     layer: LayerSpec = None,
@@ -187,7 +187,7 @@ def explain(
     same engine as ``xai explain``.
 
     ``model``: a ``torch.nn.Module`` (on the device to run on) or :func:`load_model`'s result,
-    which brings its class names and preprocessing. ``images``: a float tensor (3, H, W) or
+    which brings its class names, preprocessing and target layer. ``images``: a float tensor (3, H, W) or
     (B, 3, H, W), a PIL image, an image file, or a list of them.
 
     ``preprocess`` says how inputs relate to pixels:
@@ -206,8 +206,8 @@ def explain(
 
     ``method``: a name or a list of names (``xai methods``); knobs of one method as keywords
     (``steps=64``), of several as ``NAME={...}`` keywords. ``layer``: a dotted name
-    (``"layer4"``, ``"layer4.1:input"``), a module of ``model`` (``model.layer4``), or None for the
-    automatic choice. ``target``: None (the predicted class), a class index, a class name, ``"top3"``
+    (``"layer4"``, ``"layer4.1:input"``), a module of ``model`` (``model.layer4``), ``"auto"``, or
+    None: the config's layer for :func:`load_model`'s model, else the automatic choice. ``target``: None (the predicted class), a class index, a class name, ``"top3"``
     (three maps per image), or one class per image (a list or tensor of B indices or names, or
     (B, K) for K each). ``labels``: class names for a bare module (a list, ``"imagenet"`` or a
     file). ``seed``: the noise of sampling methods, per image from it and the image's file name
@@ -221,12 +221,12 @@ def explain(
     >>> res.maps.shape, res.targets.tolist()
     (torch.Size([4, 16, 16]), [0, 1, 2, 0])
     """
-    module, names, model_pre = _model_parts(model, labels)
+    module, names, model_pre, model_layer = _model_parts(model, labels)
     pre = _preprocess(preprocess, model_pre)
     batch = _inputs(images, pre)
     pairs = _methods(method, knobs, batch.preprocess)
     device = _device(module)
-    ref = _layer(module, layer, pairs, (int(batch.x.shape[-2]), int(batch.x.shape[-1])), device)
+    ref = _layer(module, model_layer if layer is None else layer, pairs, (int(batch.x.shape[-2]), int(batch.x.shape[-1])), device)
     pick = _target_rule(target, names, batch.x.shape[0])
     wrapped = LogitsOnly(module)  # a forward may return a tuple, a dict or an object with .logits
     runner = Runner(model=wrapped, budget=batch_size, autocast=autocast_factory(device, precision), precision=precision)
@@ -239,18 +239,34 @@ def explain(
                                                     {s.name: p for s, p in pairs}, device))
 
 
-def load_model(config: str | Path | Config | None = None) -> LoadedModel:
-    """The model of a config (a YAML file, a shipped config's name, or None for the embedded
-    default), in eval mode on the CPU, with its class names (``.labels``) and preprocessing
-    (``.preprocess``); ``.module`` is the ``torch.nn.Module``. Pass it to :func:`explain` as is.
+@dataclass
+class Model:
+    """A config's model ready for :func:`explain`: the ``module`` (eval mode, on the CPU; move it
+    with ``model.module.to(device)``), its class names, preprocessing and target layer."""
+
+    module: nn.Module
+    labels: list[str] | None
+    preprocess: Preprocess
+    layer: str | None  # the config's target_layer; None: the automatic choice
+    description: str
+
+
+def load_model(config: str | Path | Config | None = None) -> Model:
+    """The model of a config (a YAML file, a shipped config's name, a :class:`xaicli.config.Config`
+    or None for the embedded default) with its class names, preprocessing and target layer, which
+    :func:`explain` then uses. What had to be assumed (random weights asked for with ``null``, no
+    class names, ImageNet's preprocessing) is issued as a ``UserWarning``, as the CLI prints it.
 
     >>> import xaicli
-    >>> loaded = xaicli.load_model()  # the embedded default: EfficientNet-Lite0, ImageNet weights
-    >>> loaded.preprocess.input_size, loaded.labels[285]
-    ((224, 224), 'Egyptian cat')
+    >>> model = xaicli.load_model()  # the embedded default: EfficientNet-Lite0, ImageNet weights
+    >>> model.preprocess.input_size, model.labels[285], model.layer
+    ((224, 224), 'Egyptian cat', '_avg_pooling:input')
     """
     cfg = config if isinstance(config, Config) else load_config(config)
-    return build_model(cfg.model, cfg.preprocess)
+    loaded = build_model(cfg.model, cfg.preprocess)
+    for note in [*cfg.warnings, *loaded.notes]:
+        warnings.warn(f"xaicli.load_model: {note}", UserWarning, stacklevel=2)
+    return Model(loaded.module, loaded.labels, loaded.preprocess, cfg.target_layer, loaded.description)
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,10 +274,13 @@ def load_model(config: str | Path | Config | None = None) -> LoadedModel:
 
 
 def _model_parts(model: Any, labels: Sequence[str] | str | None) -> tuple[nn.Module, list[str] | None,
-                                                                        Preprocess | None]:
-    if isinstance(model, LoadedModel):
+                                                                        Preprocess | None, str | None]:
+    """The module, its class names, preprocessing and configured layer (None where unknown)."""
+    layer = None
+    if isinstance(model, (Model, LoadedModel)):
         names = model.labels
         module, pre = model.module, model.preprocess
+        layer = model.layer if isinstance(model, Model) else None
     elif isinstance(model, nn.Module):
         module, names, pre = model, None, None
     else:
@@ -269,7 +288,7 @@ def _model_parts(model: Any, labels: Sequence[str] | str | None) -> tuple[nn.Mod
                           f"got {type(model).__name__}")
     if labels is not None:
         names = load_labels(labels) if isinstance(labels, str) else [str(n) for n in labels]
-    return module, names, pre
+    return module, names, pre, layer
 
 
 def _device(module: nn.Module) -> torch.device:
@@ -460,7 +479,7 @@ def _layer(module: nn.Module, layer: LayerSpec, pairs: list[tuple[MethodSpec, An
     if layer is not None and not isinstance(layer, str):
         raise LayerError(f"layer: expected a dotted name or a module of the model, got {type(layer).__name__}")
     if layer not in (None, "auto"):
-        return resolve_layer(module, layer)
+        return resolve_layer(module, layer)  # a bad name: LayerError with the closest names
     return auto_layer(module, size, device) if needed else None
 
 

@@ -242,10 +242,11 @@ def run_folder(config: str | Path | Config | None, images: str | Path, out: str 
     every image ok, 1 some failed), the counts and ``run`` (run.json). Usage errors raise
     :class:`xaicli.errors.XaiError` subclasses (``exit_code`` 2 or 3), as the CLI exits with.
 
-    >>> import xaicli
-    >>> result = xaicli.run(None, "sample_images", "/tmp/xai-doctest-run", overwrite=True, method="gradcam")
-    >>> result.exit_code, result.ok, result.run["counts"]["listed"]
-    (0, 6, 6)
+    >>> import tempfile, xaicli
+    >>> out = tempfile.mkdtemp()
+    >>> result = xaicli.run(None, "sample_images/chelsea.png", out, method="gradcam", target="top2")
+    >>> result.exit_code, result.ok, result.run["target"]
+    (0, 1, 'top2')
     """
     cfg = config if isinstance(config, Config) else load_config(config)
     cfg = apply_overrides(cfg, **overrides)
