@@ -306,3 +306,16 @@ def test_doc_page_lists_every_public_name():
     for name in ("xaicli.explain", "xaicli.run", "xaicli.load_config", "xaicli.load_model", "Explained"):
         assert name in text, name
     assert Path(ROOT / "README.md").read_text().count("docs/api.md")
+
+
+def test_bad_runtime_options_and_a_training_model():
+    bn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                             torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    bn.train()
+    stats = bn[1].running_mean.clone()
+    res = xaicli.explain(bn, pixels(2), "gradcam", preprocess=None)  # automatic layer: its dry run too in eval
+    assert res.layer == "3:input" and bn.training and torch.equal(bn[1].running_mean, stats)
+    with pytest.raises(ConfigError, match="precision"):
+        xaicli.explain(bn, pixels(2), "gradcam", preprocess=None, precision="fp64")
+    with pytest.raises(ConfigError, match="batch_size"):
+        xaicli.explain(bn, pixels(2), "gradcam", preprocess=None, batch_size=0)

@@ -21,7 +21,15 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .capture import LogitsOnly, eval_mode
-from .config import Config, PreprocessConfig, TargetConfig, build_dataclass, load_config, parse_target
+from .config import (
+    Config,
+    PreprocessConfig,
+    RuntimeConfig,
+    TargetConfig,
+    build_dataclass,
+    load_config,
+    parse_target,
+)
 from .data import DecodeError, load_image, to_rgb
 from .engine import BatchResult, Explainer, autocast_factory, resolve_target, targets_of
 from .errors import ConfigError, InputError, LayerError, MethodError, suggest
@@ -222,21 +230,28 @@ def explain(
     (torch.Size([4, 16, 16]), [0, 1, 2, 0])
     """
     module, names, model_pre, model_layer = _model_parts(model, labels)
+    _runner_options(batch_size, precision)
     pre = _preprocess(preprocess, model_pre)
     batch = _inputs(images, pre)
     pairs = _methods(method, knobs, batch.preprocess)
-    device = _device(module)
-    ref = _layer(module, model_layer if layer is None else layer, pairs, (int(batch.x.shape[-2]), int(batch.x.shape[-1])), device)
     pick = _target_rule(target, names, batch.x.shape[0])
+    device = _device(module)
     wrapped = LogitsOnly(module)  # a forward may return a tuple, a dict or an object with .logits
     runner = Runner(model=wrapped, budget=batch_size, autocast=autocast_factory(device, precision), precision=precision)
-    explainer = Explainer(wrapped, pairs, ref, TargetConfig(), runner, pixels=batch.pixels)
     seeds = torch.tensor([stable_seed(seed, k) for k in batch.keys], dtype=torch.long)
-    with eval_mode(module):
-        parts = [explainer(batch.x[sl].to(device), seeds[sl], targets=pick(sl)) for sl in chunks(len(batch.keys),
-                                                                                                  batch_size)]
+    with eval_mode(module):  # the automatic layer's dummy forward included
+        ref = _layer(module, model_layer if layer is None else layer, pairs, (int(batch.x.shape[-2]),
+                                                                              int(batch.x.shape[-1])), device)
+        explainer = Explainer(wrapped, pairs, ref, TargetConfig(), runner, pixels=batch.pixels)
+        parts = [explainer(batch.x[sl].to(device), seeds[sl], targets=pick(sl))
+                 for sl in chunks(len(batch.keys), batch_size)]
     return _result(parts, pairs, names, ref, _Views(batch.images, batch.windows, {s.name: s for s, _ in pairs},
                                                     {s.name: p for s, p in pairs}, device))
+
+
+def _runner_options(batch_size: int, precision: str) -> None:
+    """``batch_size`` and ``precision`` checked as the config checks ``runtime:``."""
+    build_dataclass(RuntimeConfig, {"batch_size": batch_size, "precision": precision}, "runtime")
 
 
 @dataclass
@@ -492,6 +507,11 @@ def _target_rule(target: TargetSpec, labels: list[str] | None, b: int) -> Callab
     if rule.per_image:
         raise ConfigError(f"target: {rule.describe()!r} reads classes per image file, which the Python API does "
                           "not have", "pass one class per image as a list or tensor (target=[285, 281, ...])")
+    if rule.mode == "name":  # resolved now, before any computation
+        if labels is None:
+            raise ConfigError(f"target: class name {rule.name!r} given but the model has no class names",
+                              "pass labels=[...] (or labels='imagenet'), a class index, or xaicli.load_model's model")
+        rule = resolve_target(rule, labels, len(labels))
 
     def of(logits: Tensor) -> Tensor:
         n = _classes(logits, labels)
@@ -595,10 +615,10 @@ def explain_tensor(
     it raises)."""
     spec = get_method(method)
     p = method_params(spec, params)
-    ref = _layer(model, layer, [(spec, p)], (int(x.shape[-2]), int(x.shape[-1])), x.device)
     pick = _target_rule(target, None, x.shape[0])(slice(0, x.shape[0]))
     runner = Runner(model=model, budget=batch_size, autocast=autocast_factory(x.device, precision), precision=precision)
     with eval_mode(model):
+        ref = _layer(model, layer, [(spec, p)], (int(x.shape[-2]), int(x.shape[-1])), x.device)
         pixels = PixelSpace(tuple(mean or (0.0, 0.0, 0.0)), tuple(std or (1.0, 1.0, 1.0)))
         res = Explainer(model, [(spec, p)], ref, TargetConfig(), runner, pixels=pixels)(x, seeds, targets=pick)
     return res.methods[0].maps[0]
