@@ -319,3 +319,34 @@ def test_bad_runtime_options_and_a_training_model():
         xaicli.explain(bn, pixels(2), "gradcam", preprocess=None, precision="fp64")
     with pytest.raises(ConfigError, match="batch_size"):
         xaicli.explain(bn, pixels(2), "gradcam", preprocess=None, batch_size=0)
+
+
+class DictNet(GapNet):
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return {"logits": super().forward(x)}
+
+
+def test_a_model_returning_a_dict_works_with_many_forward_methods():
+    net = DictNet().eval()
+    x = pixels(2)
+    res = xaicli.explain(net, x, ["gradcam", "occlusion"], preprocess=None, occlusion={"window": 8, "stride": 8})
+    plain = xaicli.explain(GapNet().eval(), x, ["gradcam", "occlusion"], preprocess=None,
+                           occlusion={"window": 8, "stride": 8})
+    assert res.layer == "pool:input"
+    for name in ("gradcam", "occlusion"):
+        torch.testing.assert_close(res.maps[name], plain.maps[name])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_api_on_the_gpu_matches_the_cpu(net):
+    x = pixels(3)
+    cpu = xaicli.explain(net, x, ["gradcam", "integrated_gradients"], layer=net.features, target="top2",
+                         preprocess=None, integrated_gradients={"steps": 8})
+    gpu_net = GapNet(num_classes=5).eval().cuda()
+    gpu = xaicli.explain(gpu_net, x.cuda(), ["gradcam", "integrated_gradients"], layer=gpu_net.features,
+                         target="top2", preprocess=None, integrated_gradients={"steps": 8})
+    assert torch.equal(cpu.targets, gpu.targets)
+    for name in cpu.methods:
+        torch.testing.assert_close(gpu.maps[name], cpu.maps[name], rtol=1e-3, atol=1e-4)
+    assert len(gpu.overlays("gradcam", rank=1)) == 3
