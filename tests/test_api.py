@@ -71,6 +71,7 @@ def test_top3_gives_three_maps_per_image_in_rank_order(net):
     assert not torch.allclose(res.maps[:, 0], res.maps[:, 1])  # not the prediction three times
     assert res.scores.shape == (3, 3) and bool((res.scores[:, 0] >= res.scores[:, 1]).all())
     assert len(res.overlays(rank=2)) == 3
+    torch.testing.assert_close(explain_tensor(net, x, "gradcam", "features", target="top3"), res.maps)  # was: rank 1 only
     with pytest.raises(ConfigError, match="rank 3"):
         res.overlays(rank=3)
 
@@ -184,6 +185,8 @@ def test_images_are_preprocessed_like_the_cli(tmp_path, net):
     torch.testing.assert_close(from_paths.maps, from_pil.maps)
     assert [m.shape for m in from_paths.image_maps()] == [(40, 48), (50, 30)]
     assert [o.size for o in from_paths.overlays()] == [(48, 40), (30, 50)]
+    captioned = from_paths.overlays(caption=True)  # the CLI's strip below, on a canvas at least 200 px wide
+    assert all(c.size[0] == 200 and c.size[1] > o.size[1] for c, o in zip(captioned, from_paths.overlays(), strict=True))
     with pytest.warns(UserWarning, match="ImageNet"):
         xaicli.explain(net, paths, layer="features")  # a bare module: ImageNet's recipe, said aloud
     with pytest.raises(InputError, match="same size"):
@@ -226,7 +229,8 @@ def test_api_maps_equal_the_cli_saved_maps(tmp_path, target):
     out = tmp_path / "out"
     r = CliRunner().invoke(app, ["explain", str(images), "-c", str(cfg), "-o", str(out), "--save-maps"])
     assert r.exit_code == 0, r.output
-    model = xaicli.load_model(cfg)
+    with pytest.warns(UserWarning, match="no class names"):  # what the CLI prints at the start, said here
+        model = xaicli.load_model(cfg)
     res = xaicli.explain(model, sorted(paths), ["gradcam", "integrated_gradients"],
                          target=xaicli.load_config(cfg).target, integrated_gradients={"steps": 8})
     assert res.layer == "features"
@@ -242,6 +246,8 @@ def test_api_maps_equal_the_cli_saved_maps(tmp_path, target):
             saved = np.load(out / e["files"]["map"]).astype(np.float32)
             ours = res.image_maps(e["method"], rank)[i].numpy()
             np.testing.assert_allclose(ours, saved, rtol=2e-3, atol=2e-3 * float(np.abs(saved).max()))
+            drawn = np.asarray(res.overlays(e["method"], rank, caption=True)[i])
+            assert np.array_equal(drawn, np.asarray(Image.open(out / e["files"]["overlay"])))  # the same picture
             compared += 1
     assert compared == 3 * 2 * (2 if target == "top2" else 1)
 

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from .annotate import Caption, Legend, annotate, lut_array
 from .capture import LogitsOnly, eval_mode
 from .config import (
     Config,
@@ -139,18 +140,31 @@ class Explained:
         v = self._views
         return [place(raw[i].to(v.device), h, w, v.windows[i])[0].cpu() for i, (h, w) in enumerate(v.sizes)]
 
-    def overlays(self, method: str | None = None, rank: int = 0, *, colormap: str = "jet",
+    def overlays(self, method: str | None = None, rank: int = 0, *, caption: bool = False, colormap: str = "jet",
                  diverging_colormap: str = "bwr", alpha: float = 0.5, style: Style | None = None) -> list[Image.Image]:
         """The maps over their images as PIL images, drawn as ``xai explain`` draws them (its
-        colormaps, the method's style), without the caption strip. For a normalised tensor input
-        the image is the input with the normalisation undone (min-max scaled when it is unknown)."""
+        colormaps, the method's style); ``caption``: with the CLI's caption strip below (method,
+        class, probability, rank, colour bar). For a normalised tensor input the image is the
+        input with the normalisation undone (min-max scaled when it is unknown)."""
         name, raw = self._raw(method, rank)
         v = self._views
         mode, _ = v.specs[name].display(v.params[name])
+        style = style or method_style(v.specs[name])
         palette = Palette.of(colormap, diverging_colormap, alpha, v.device)
         drawn, _ = compose([im.to(v.device) for im in v.images], normalize(raw.to(v.device), mode), v.windows,
-                           palette, signed=mode == "diverging", style=style or method_style(v.specs[name]))
-        return [Image.fromarray(a) for a in drawn if a is not None]
+                           palette, signed=mode == "diverging", style=style)
+        arrays = [a for a in drawn if a is not None]
+        if caption:
+            legend = Legend.of(lut_array(diverging_colormap if mode == "diverging" else colormap), mode, style.blend,
+                               alpha, style.clip)
+            arrays = [annotate(a, self._caption(i, name, rank), legend) for i, a in enumerate(arrays)]
+        return [Image.fromarray(a) for a in arrays]
+
+    def _caption(self, i: int, method: str, rank: int) -> Caption:
+        t = self.targets[i] if self.targets.dim() == 1 else self.targets[i, rank]
+        probs = self.logits[i].float().softmax(0)
+        p = probs[int(t)]
+        return Caption(method, _label(self.labels, int(t)), float(p), int((probs > p).sum()) + 1)
 
 
 @dataclass
@@ -608,8 +622,8 @@ def explain_tensor(
     mean: tuple[float, float, float] | None = None,
     std: tuple[float, float, float] | None = None,
 ) -> Tensor:
-    """Raw maps (B, h, w) of one method for a batch already on the model's device (kept for
-    tests and benchmarks; :func:`explain` is the API). ``x`` is taken as pixels in [0, 1] unless
+    """Raw maps (B, h, w) of one method for a batch already on the model's device, (B, K, h, w)
+    for K targets per image (kept for tests and benchmarks; :func:`explain` is the API). ``x`` is taken as pixels in [0, 1] unless
     ``mean`` / ``std`` give the normalisation it went through. ``seeds``: one per image (default:
     its position). Targets as :func:`explain` takes them (a class name needs no labels here:
     it raises)."""
@@ -621,5 +635,6 @@ def explain_tensor(
         ref = _layer(model, layer, [(spec, p)], (int(x.shape[-2]), int(x.shape[-1])), x.device)
         pixels = PixelSpace(tuple(mean or (0.0, 0.0, 0.0)), tuple(std or (1.0, 1.0, 1.0)))
         res = Explainer(model, [(spec, p)], ref, TargetConfig(), runner, pixels=pixels)(x, seeds, targets=pick)
-    return res.methods[0].maps[0]
+    maps = res.methods[0].maps
+    return maps[0] if len(maps) == 1 else torch.stack(maps, 1)
 
