@@ -276,7 +276,9 @@ def test_py_typed_is_packaged():
 
 def test_docstring_examples_run(monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)
-    for module in (api, xaicli.run):
+    from xaicli import config
+
+    for module in (api, xaicli.run, config):
         failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
         assert tried > 0 and failures == 0, module.__name__
 

@@ -633,7 +633,13 @@ def _config_file(path: str | Path) -> Path:
 
 def load_config(path: str | Path | None) -> Config:
     """Load and validate a YAML config (a file, or the name of a shipped config); ``None`` gives
-    the embedded default."""
+    the embedded default. Also ``xaicli.load_config``.
+
+    >>> import xaicli
+    >>> cfg = xaicli.load_config("resnet50")  # a shipped config's name, or a YAML file
+    >>> cfg.model.name, cfg.target_layer, cfg.method
+    ('resnet50', 'layer4', ('gradcam',))
+    """
     if path is None:
         return Config()
     p = _config_file(path)
