@@ -123,6 +123,8 @@ def test_layer_as_module_object_equals_its_dotted_name(net):
     torch.testing.assert_close(by_module.maps, by_name.maps)
     inner = xaicli.explain(net, x, layer=net.features[3], preprocess=None)
     assert inner.layer == "features.3"
+    # A method without a layer ignores it, as the folder run does with target_layer.
+    assert xaicli.explain(net, x, "saliency", layer="no.such.layer", preprocess=None).layer is None
 
 
 def test_module_not_in_the_model_is_an_error(net):
@@ -274,6 +276,7 @@ def test_py_typed_is_packaged():
 # Documentation that runs
 
 
+@pytest.mark.slow
 def test_docstring_examples_run(monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)
     from xaicli import config
@@ -301,6 +304,7 @@ def test_readme_example_runs(monkeypatch, tmp_path):
     assert list(tmp_path.glob("*.png"))  # it saved its overlay
 
 
+@pytest.mark.slow
 def test_docs_api_examples_run(monkeypatch, tmp_path):
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "api.md").read_text(), re.DOTALL)
     assert blocks

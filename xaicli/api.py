@@ -493,8 +493,10 @@ def _methods(method: str | Sequence[str], knobs: dict[str, Any], pre: Preprocess
 
 def _layer(module: nn.Module, layer: LayerSpec, pairs: list[tuple[MethodSpec, Any]], size: tuple[int, int],
            device: torch.device) -> LayerRef | None:
-    """The target layer by dotted name or module object; None when no method needs one."""
-    needed = any(s.needs_layer for s, _ in pairs)
+    """The target layer by dotted name or module object; None when no method needs one (as the
+    folder run, which resolves ``target_layer`` only then)."""
+    if not any(s.needs_layer for s, _ in pairs):
+        return None
     if isinstance(layer, LayerRef):
         return layer
     if isinstance(layer, nn.Module):
@@ -509,7 +511,7 @@ def _layer(module: nn.Module, layer: LayerSpec, pairs: list[tuple[MethodSpec, An
         raise LayerError(f"layer: expected a dotted name or a module of the model, got {type(layer).__name__}")
     if layer not in (None, "auto"):
         return resolve_layer(module, layer)  # a bad name: LayerError with the closest names
-    return auto_layer(module, size, device) if needed else None
+    return auto_layer(module, size, device)
 
 
 def _target_rule(target: TargetSpec, labels: list[str] | None, b: int) -> Callable[[slice], Callable[[Tensor], Tensor]]:

@@ -232,7 +232,8 @@ def run_explain(
 
 
 def run_folder(config: str | Path | Config | None, images: str | Path, out: str | Path, *,
-               resume: bool = False, overwrite: bool = False, **overrides: Any) -> RunResult:
+               resume: bool = False, overwrite: bool = False, progress: ProgressHook | None = None,
+               **overrides: Any) -> RunResult:
     """``xai explain IMAGES -c CONFIG -o OUT`` from Python, also as ``xaicli.run(config, images, out)``:
     every image under ``images`` explained into ``out`` (overlays, scores.jsonl, run.json).
     ``config``: a YAML file, a shipped config's name, a :class:`xaicli.config.Config`
@@ -241,6 +242,7 @@ def run_folder(config: str | Path | Config | None, images: str | Path, out: str 
     ``batch_size=``, ``save_maps=True``, ...). Returns the :class:`RunResult`: ``exit_code`` (0
     every image ok, 1 some failed), the counts and ``run`` (run.json). Usage errors raise
     :class:`xaicli.errors.XaiError` subclasses (``exit_code`` 2 or 3), as the CLI exits with.
+    ``progress``: a :class:`ProgressHook` (e.g. ``xaicli.progress.LogProgress``); none by default.
 
     >>> import tempfile, xaicli
     >>> out = tempfile.mkdtemp()
@@ -250,7 +252,7 @@ def run_folder(config: str | Path | Config | None, images: str | Path, out: str 
     """
     cfg = config if isinstance(config, Config) else load_config(config)
     cfg = apply_overrides(cfg, **overrides)
-    return run_explain(cfg, Path(images), Path(out), resume=resume, overwrite=overwrite)
+    return run_explain(cfg, Path(images), Path(out), progress=progress, resume=resume, overwrite=overwrite)
 
 
 def _holder_text(req: RunRequest) -> str:
