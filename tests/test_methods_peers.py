@@ -1,0 +1,208 @@
+"""The methods taken from the peers (pytorch-grad-cam, TorchCAM): each against its reference on the
+same model, layer and target (skipped per test when the peer is missing), against an invariant
+that holds by construction, batch-size invariance, the model left as found, and one CLI run each.
+Tiny nets, 32x32 inputs, CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tests.nets import GapNet
+from xaicli.api import explain_tensor
+from xaicli.config import build_dataclass
+from xaicli.errors import MethodError
+from xaicli.methods import get_method
+
+B, H, W = 4, 32, 32
+
+
+@pytest.fixture
+def net() -> GapNet:
+    return GapNet(num_classes=5, width=16, seed=3).eval()
+
+
+def images(n: int = B, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, H, W, generator=g) * 0.5
+
+
+def explain(model: nn.Module, x: torch.Tensor, method: str, params: dict | None = None, **kw) -> torch.Tensor:
+    kw.setdefault("seeds", torch.arange(x.shape[0]) + 11)
+    return explain_tensor(model, x, method, layer="features", params=params, **kw)
+
+
+def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+def minmax(m: torch.Tensor | np.ndarray) -> np.ndarray:
+    m = torch.as_tensor(np.asarray(m), dtype=torch.float64)
+    flat = m.flatten(1)
+    lo, hi = flat.min(1).values[:, None, None], flat.max(1).values[:, None, None]
+    return ((m - lo) / (hi - lo + 1e-12)).numpy()
+
+
+def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> None:
+    """Equal up to rtol of the larger one's scale."""
+    scale = max(float(a.abs().max()), float(b.abs().max()), 1e-12)
+    err = float((a - b).abs().max())
+    assert err <= rtol * scale, f"max difference {err:.3g} vs scale {scale:.3g}"
+
+
+class RowLog:
+    """A forward pre-hook that keeps every input row the model sees, in order."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.rows: list[torch.Tensor] = []
+        self.handle = model.register_forward_pre_hook(lambda m, args: self.rows.extend(args[0].detach().clone()))
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+def pgc_layer_map(cam_class, model: GapNet, x: torch.Tensor, targets: list[int], **kw) -> np.ndarray:
+    """pytorch-grad-cam's map at the layer's resolution (its min-max scaled output before resizing)."""
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    with cam_class(model=model, target_layers=[model.features], **kw) as cam:
+        cam.compute_cam_per_layer = _no_resize(cam)
+        return cam(input_tensor=x, targets=[ClassifierOutputTarget(t) for t in targets])
+
+
+def _no_resize(cam):
+    """pytorch-grad-cam resizes with cv2 to the input; keep its map at the layer size instead."""
+    original = cam.compute_cam_per_layer
+
+    def per_layer(input_tensor, targets, eigen_smooth):
+        size = cam.get_target_width_height
+        cam.get_target_width_height = lambda t: None
+        try:
+            return original(input_tensor, targets, eigen_smooth)
+        finally:
+            cam.get_target_width_height = size
+
+    return per_layer
+
+
+# --------------------------------------------------------------------------------------------
+# Ablation-CAM
+
+
+@pytest.mark.parametrize("max_channels", [0, 5])
+def test_ablationcam_closed_form_on_gap_linear(net, max_channels) -> None:
+    """On GAP + linear, zeroing channel k lowers the logit by w_ck mean(A_k): w_k = w_ck mean(A_k) / y_c;
+    with max_channels only the channels of largest spatial variance weigh."""
+    x = images()
+    acts = net.features(x).detach()
+    y = logits(net, x)
+    t = y.argmax(1)
+    w = net.fc.weight.detach()[t]  # (B, C)
+    weights = w * acts.mean((2, 3)) / y.gather(1, t[:, None])
+    if max_channels:
+        top = acts.flatten(2).var(2).topk(max_channels, 1).indices
+        weights = torch.zeros_like(weights).scatter(1, top, weights.gather(1, top))
+    expected = torch.einsum("bc,bchw->bhw", weights, acts).clamp_min(0)
+    log = RowLog(net)
+    try:
+        ours = explain(net, x, "ablationcam", {"max_channels": max_channels}, batch_size=7)
+    finally:
+        log.close()
+    close(ours, expected, 1e-4)
+    assert ours.max() > 0
+    k = max_channels or 16
+    assert len(log.rows) == B * (1 + k)  # the shared forward, then one per ablated channel
+    assert get_method("ablationcam").cost(build_dataclass(get_method("ablationcam").params, {"max_channels": max_channels}, "m"), 16) == (1 + k, 0)
+
+
+def test_ablationcam_matches_pytorch_grad_cam(net, pgc) -> None:
+    x = images()
+    ours = explain(net, x, "ablationcam")
+    ref = pgc_layer_map(pgc.AblationCAM, net, x, logits(net, x).argmax(1).tolist(), batch_size=5)
+    assert ref.shape == (B, 16, 16)
+    np.testing.assert_allclose(minmax(ours), ref, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Every method: batch-size invariance, the model left as found, the CLI end to end
+
+CASES: list[tuple[str, dict]] = [
+    ("ablationcam", {}),
+    ("ablationcam", {"max_channels": 4}),
+]
+
+
+@pytest.mark.parametrize(("method", "params"), CASES)
+def test_batch_size_invariant(net, method, params) -> None:
+    x = images(6, seed=5)
+    seeds = torch.arange(6) * 7 + 1
+    whole = explain(net, x, method, params, seeds=seeds, batch_size=64)
+    ones = torch.cat([explain(net, x[i : i + 1], method, params, seeds=seeds[i : i + 1], batch_size=5)
+                      for i in range(6)])
+    close(whole, ones, 1e-4)
+    assert whole.abs().max() > 0
+
+
+def _state(model: nn.Module) -> dict:
+    return {
+        "modules": [(n, type(m), id(m)) for n, m in model.named_modules()],
+        "training": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "grads": [p.grad for p in model.parameters()],
+        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for m in model.modules()],
+        "params": [p.detach().clone() for p in model.parameters()],
+    }
+
+
+def _same(a: dict, b: dict) -> bool:
+    pa, pb = a["params"], b["params"]
+    rest = [k for k in a if k != "params"]
+    return all(a[k] == b[k] for k in rest) and all(torch.equal(u, v) for u, v in zip(pa, pb, strict=True))
+
+
+@pytest.mark.parametrize(("method", "params"), CASES)
+def test_model_left_as_found(method, params) -> None:
+    model = GapNet(seed=1)
+    model.features[1].train()
+    model.fc.eval()
+    model.features[0].weight.requires_grad_(False)
+    before = _state(model)
+    explain(model, images(2), method, params)
+    assert _same(_state(model), before)
+    if get_method(method).needs_layer:  # and on the error path: a layer without a spatial map
+        with pytest.raises(MethodError):
+            explain_tensor(model, images(2), method, layer="fc", params=params)
+        assert _same(_state(model), before)
+
+
+@pytest.mark.parametrize("method", sorted({m for m, _ in CASES}))
+def test_cli_end_to_end(method, tiny_config, image_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from xaicli.cli import app
+
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["explain", str(image_dir), "-c", str(tiny_config(method)), "--out", str(out),
+                                   "-q", "--save-maps"])
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(s) for s in (out / "scores.jsonl").read_text().splitlines()]
+    assert len(lines) == 5 and all(r["status"] == "ok" for r in lines)
+    for r in lines:
+        (e,) = r["explanations"]
+        assert e["method"] == method
+        raw = np.load(out / e["files"]["map"])
+        assert raw.shape[-2:] == (r["height"], r["width"]) and np.isfinite(raw).all()
+
+
+@pytest.mark.parametrize("method", sorted({m for m, _ in CASES}))
+def test_listed_with_cost(method) -> None:
+    spec = get_method(method)
+    p = build_dataclass(spec.params, {}, f"methods.{method}")
+    assert spec.cost_text(p, 16)
+    assert method in {s.name for s in __import__("xaicli.methods", fromlist=["all_methods"]).all_methods()}
