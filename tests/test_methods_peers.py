@@ -195,12 +195,76 @@ def test_fullgrad_matches_pytorch_grad_cam(model, pgc) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# SS-CAM, IS-CAM (TorchCAM)
+
+
+@pytest.fixture
+def torchcam_methods():
+    """torchcam.methods; the test is skipped without it."""
+    return pytest.importorskip("torchcam.methods")
+
+
+def torchcam_map(extractor_class, model: nn.Module, x: torch.Tensor, targets: list[int] | None = None,
+                 **kw) -> torch.Tensor:
+    """TorchCAM's normalised map at the layer's resolution for the predicted (or given) classes."""
+    with extractor_class(model, "features", input_shape=tuple(x.shape[1:]), **kw) as extractor:
+        out = model(x)
+        idx = targets if targets is not None else out.argmax(1).tolist()
+        (cam,) = extractor(class_idx=idx, scores=out)
+    return cam.detach()
+
+
+@pytest.mark.parametrize("samples", [1, 4])
+def test_iscam_matches_torchcam(net, samples, torchcam_methods) -> None:
+    x = images()
+    ours = explain(net, x, "iscam", {"samples": samples})
+    ref = torchcam_map(torchcam_methods.ISCAM, net, x, num_samples=samples, batch_size=7)
+    np.testing.assert_allclose(minmax(ours), ref.numpy(), atol=1e-4)
+    assert ours.max() > 0
+
+
+def test_sscam_matches_torchcam_without_noise(net, torchcam_methods) -> None:
+    """Noise of std 1e-7 is far below the scores' resolution: both reduce to the same sums."""
+    x = images()
+    ours = explain(net, x, "sscam", {"samples": 3, "std": 1e-7})
+    ref = torchcam_map(torchcam_methods.SSCAM, net, x, num_samples=3, std=1e-7, batch_size=7)
+    np.testing.assert_allclose(minmax(ours), ref.numpy(), atol=1e-4)
+
+
+def test_sscam_without_noise_is_iscam_with_one_step(net) -> None:
+    """std 0: every sample is the unit-strength mask, which is IS-CAM's single step (c_1 = 1)."""
+    x = images()
+    ss = explain(net, x, "sscam", {"samples": 3, "std": 0.0})
+    iscam = explain(net, x, "iscam", {"samples": 1})
+    close(ss, iscam, 1e-5)
+    noisy = explain(net, x, "sscam", {"samples": 3, "std": 0.5})
+    assert not torch.allclose(noisy, ss)  # the noise does reach the scores
+
+
+def test_sscam_iscam_forward_counts(net) -> None:
+    x = images(2)
+    for method, params, per_channel in [("sscam", {"samples": 3, "max_channels": 5}, 3),
+                                        ("iscam", {"samples": 2}, 2)]:
+        log = RowLog(net)
+        try:
+            explain(net, x, method, params, batch_size=6)
+        finally:
+            log.close()
+        k = params.get("max_channels", 16)
+        assert len(log.rows) == 2 * (1 + per_channel * k)
+        spec = get_method(method)
+        assert spec.cost(build_dataclass(spec.params, params, "m"), 16) == (1 + per_channel * k, 0)
+
+
+# --------------------------------------------------------------------------------------------
 # Every method: batch-size invariance, the model left as found, the CLI end to end
 
 CASES: list[tuple[str, dict]] = [
     ("ablationcam", {}),
     ("ablationcam", {"max_channels": 4}),
     ("fullgrad", {}),
+    ("sscam", {"samples": 3, "std": 0.5}),
+    ("iscam", {"samples": 3, "max_channels": 6}),
 ]
 
 
@@ -247,6 +311,14 @@ def test_model_left_as_found(method, params) -> None:
         assert _same(_state(model), before)
 
 
+# Knobs that keep the many-forward methods to a few dozen passes per image in the CLI runs.
+KNOBS = {
+    "ablationcam": "methods: {ablationcam: {max_channels: 4}}\n",
+    "sscam": "methods: {sscam: {samples: 2, max_channels: 4}}\n",
+    "iscam": "methods: {iscam: {samples: 2, max_channels: 4}}\n",
+}
+
+
 @pytest.mark.parametrize("method", sorted({m for m, _ in CASES}))
 def test_cli_end_to_end(method, tiny_config, image_dir: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
@@ -254,7 +326,7 @@ def test_cli_end_to_end(method, tiny_config, image_dir: Path, tmp_path: Path) ->
     from xaicli.cli import app
 
     out = tmp_path / "out"
-    res = CliRunner().invoke(app, ["explain", str(image_dir), "-c", str(tiny_config(method)), "--out", str(out),
+    res = CliRunner().invoke(app, ["explain", str(image_dir), "-c", str(tiny_config(method, KNOBS.get(method, ""))), "--out", str(out),
                                    "-q", "--save-maps"])
     assert res.exit_code == 0, res.output
     lines = [json.loads(s) for s in (out / "scores.jsonl").read_text().splitlines()]
