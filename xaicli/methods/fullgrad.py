@@ -4,8 +4,6 @@ backward per image through the engine's runner, with the gradients of all those 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
