@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.nets import GapNet
+from tests.nets import GapNet, HiddenHeadNet
 from xaicli.api import explain_tensor
 from xaicli.config import build_dataclass
 from xaicli.errors import MethodError
@@ -257,6 +257,47 @@ def test_sscam_iscam_forward_counts(net) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# SmoothGrad-CAM++ (TorchCAM)
+
+
+def loud(model: GapNet) -> GapNet:
+    """The net with its head scaled by 100: gradients far above TorchCAM's eps of 1e-8."""
+    with torch.no_grad():
+        model.fc.weight.mul_(100)
+        model.fc.bias.mul_(100)
+    return model
+
+
+def test_smoothgradcampp_matches_torchcam_on_gap_linear(net, torchcam_methods) -> None:
+    """On GAP + linear the layer gradient does not depend on the input, so the four samples' gradient
+    moments are exact; the noise is negligible because TorchCAM multiplies the weights with the last
+    noisy forward's activations (ours: the clean input's)."""
+    x = images()
+    model = loud(net)
+    ours = explain(model, x, "smoothgradcampp", {"samples": 4, "std": 1e-7})
+    ref = torchcam_map(torchcam_methods.SmoothGradCAMpp, model, x, num_samples=4, std=1e-7)
+    np.testing.assert_allclose(minmax(ours), ref.numpy(), atol=5e-4)
+    assert ours.max() > 0
+
+
+def test_smoothgradcampp_matches_torchcam_hidden_head(torchcam_methods) -> None:
+    """A hidden ReLU layer in the head: gradients depend on the input; one sample, negligible noise."""
+    model = loud(HiddenHeadNet(seed=4).eval())
+    x = images()
+    ours = explain(model, x, "smoothgradcampp", {"samples": 1, "std": 1e-7})
+    ref = torchcam_map(torchcam_methods.SmoothGradCAMpp, model, x, num_samples=1, std=1e-7)
+    np.testing.assert_allclose(minmax(ours), ref.numpy(), atol=5e-4)  # float32 sums of g^3 in TorchCAM
+
+
+def test_smoothgradcampp_without_noise_is_gradcampp() -> None:
+    model = HiddenHeadNet(seed=5).eval()
+    x = images()
+    close(explain(model, x, "smoothgradcampp", {"samples": 3, "std": 0.0}), explain(model, x, "gradcampp"), 1e-4)
+    noisy = explain(model, x, "smoothgradcampp", {"samples": 3, "std": 1.0})
+    assert not torch.allclose(noisy, explain(model, x, "gradcampp"))
+
+
+# --------------------------------------------------------------------------------------------
 # Every method: batch-size invariance, the model left as found, the CLI end to end
 
 CASES: list[tuple[str, dict]] = [
@@ -265,6 +306,7 @@ CASES: list[tuple[str, dict]] = [
     ("fullgrad", {}),
     ("sscam", {"samples": 3, "std": 0.5}),
     ("iscam", {"samples": 3, "max_channels": 6}),
+    ("smoothgradcampp", {"samples": 3}),
 ]
 
 
