@@ -14,7 +14,7 @@ from torch import Tensor
 from ..config import non_negative, positive
 from . import register
 from .batch import Batch
-from .cam import CamParams, combine
+from .cam import combine
 from .passes import grad_pass
 
 
