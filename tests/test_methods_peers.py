@@ -298,6 +298,99 @@ def test_smoothgradcampp_without_noise_is_gradcampp() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# KPCA-CAM
+
+
+@pytest.mark.parametrize("params", [{}, {"kernel": "rbf", "gamma": 0.05}, {"kernel": "poly", "degree": 2}])
+def test_kpcacam_matches_pytorch_grad_cam(net, pgc, params) -> None:
+    x = images()
+    ours = explain(net, x, "kpcacam", params)
+    kw = {"kernel": params.get("kernel", "sigmoid"), "gamma": params.get("gamma")}
+    if "degree" in params:  # pytorch-grad-cam passes no degree: scikit-learn's 3
+        ours = explain(net, x, "kpcacam", {**params, "degree": 3})
+    ref = pgc_layer_map(pgc.KPCA_CAM, net, x, logits(net, x).argmax(1).tolist(), **kw)
+    np.testing.assert_allclose(minmax(ours), ref, atol=2e-4)
+    assert ours.max() > 0
+
+
+def test_kpcacam_linear_kernel_is_eigencam(net) -> None:
+    """Kernel PCA with the linear kernel is PCA: sqrt(lambda_1) v_1 = X v1, and both sign rules put
+    the entry of largest magnitude positive."""
+    x = images()
+    close(explain(net, x, "kpcacam", {"kernel": "linear", "relu": False}),
+          explain(net, x, "eigencam", {"relu": False}), 1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Deep Feature Factorization
+
+
+class RegionNet(nn.Module):
+    """A 1x1 conv with non-negative weights from 3 colour channels to 6 ("features"), GAP, linear:
+    on an image of three regions of pure colours the activations are exactly W (6x3) times the
+    regions' indicator maps, a factorisation NMF recovers up to scale and order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(8)
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 1, bias=False), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(6, 4)
+        with torch.no_grad():
+            self.features[0].weight.copy_(torch.rand(6, 3, 1, 1, generator=g) + 0.1)
+            self.fc.weight.copy_(torch.randn(4, 6, generator=g))
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+def regions(n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images of three vertical bands of pure red, green, blue (widths 4, 5, 7 of 16) and the bands' masks."""
+    masks = torch.zeros(3, 16, 16)
+    masks[0, :, :4], masks[1, :, 4:9], masks[2, :, 9:] = 1, 1, 1
+    x = torch.stack([masks * (1 + i) for i in range(n)])
+    return x, masks
+
+
+def test_dff_recovers_exact_concepts_in_contribution_order() -> None:
+    model = RegionNet()
+    x, masks = regions()
+    t = logits(model, x).argmax(1)
+    # Band r's contribution to y_t: fc.w[t] . (W[:, r] * value - offset) * |band| / 256, the offset
+    # being each channel's minimum over the image (subtracted before the factorisation).
+    w = model.features[0].weight.detach()[:, :, 0, 0]  # (6, 3)
+    contrib = torch.stack([
+        model.fc.weight.detach()[t[i]] @ (w - w.min(1, keepdim=True).values) * (1 + i) * masks.sum((1, 2)) / 256
+        for i in range(2)
+    ])
+    for rank in (1, 2, 3):
+        maps, extras = _extras(model, x, "dff", {"concepts": 3, "rank": rank, "iterations": 500})
+        band = contrib.argsort(1, descending=True)[:, rank - 1]
+        for i in range(2):
+            got = maps[i] / maps[i].max()
+            close(got, masks[band[i]], 1e-2)  # multiplicative updates converge slowly
+        ordered = extras["concept_contributions"].sort(1, descending=True).values
+        close(ordered, contrib.sort(1, descending=True).values, 1e-2)
+
+
+def test_dff_matches_pytorch_grad_cam_concepts(pgc) -> None:
+    """pytorch-grad-cam's NMF (scikit-learn) finds the same three concept maps, in another order."""
+    from pytorch_grad_cam import DeepFeatureFactorization
+
+    model = RegionNet()
+    x, masks = regions(1)
+    ref = DeepFeatureFactorization(model=model, target_layer=model.features)
+    _, (ref_maps,) = ref(x, n_components=3)  # (3, 16, 16), each min-max scaled
+    ours = torch.stack([_extras(model, x, "dff", {"concepts": 3, "rank": r, "iterations": 500})[0][0]
+                        for r in (1, 2, 3)])
+    ours = ours / ours.flatten(1).max(1).values[:, None, None]
+    for m in ours:
+        err = min(float((m - torch.as_tensor(r)).abs().max()) for r in ref_maps)
+        assert err < 1e-2
+
+
+# --------------------------------------------------------------------------------------------
 # Every method: batch-size invariance, the model left as found, the CLI end to end
 
 CASES: list[tuple[str, dict]] = [
@@ -307,6 +400,8 @@ CASES: list[tuple[str, dict]] = [
     ("sscam", {"samples": 3, "std": 0.5}),
     ("iscam", {"samples": 3, "max_channels": 6}),
     ("smoothgradcampp", {"samples": 3}),
+    ("kpcacam", {}),
+    ("dff", {"concepts": 3, "iterations": 50}),
 ]
 
 
