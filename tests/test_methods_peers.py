@@ -379,7 +379,7 @@ def test_dff_matches_pytorch_grad_cam_concepts(pgc) -> None:
     from pytorch_grad_cam import DeepFeatureFactorization
 
     model = RegionNet()
-    x, masks = regions(1)
+    x, _ = regions(1)
     ref = DeepFeatureFactorization(model=model, target_layer=model.features)
     _, (ref_maps,) = ref(x, n_components=3)  # (3, 16, 16), each min-max scaled
     ours = torch.stack([_extras(model, x, "dff", {"concepts": 3, "rank": r, "iterations": 500})[0][0]

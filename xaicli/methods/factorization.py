@@ -72,7 +72,7 @@ def kpcacam(batch: Batch, p: KpcaParams) -> Tensor:
     Exact eigendecomposition of the (h*w)^2 kernel for the batch at once; same map for every class.
     The ``linear`` kernel gives Eigen-CAM (up to its sign rule)."""
     a, _ = batch.spatial(grads=False)
-    b, c, h, w = a.shape
+    b, _, h, w = a.shape
     x = a.nan_to_num().flatten(2).transpose(1, 2)
     proj = kernel_first_component(x - x.mean(1, keepdim=True), p).reshape(b, h, w)
     return proj.clamp_min(0) if p.relu else proj
@@ -95,7 +95,7 @@ def nmf(v: Tensor, k: int, iterations: int, gens: list[torch.Generator]) -> tupl
     """V (B, C, N) >= 0 ~ W (B, C, K) @ H (B, K, N), both >= 0: Lee & Seung's multiplicative
     updates for the Frobenius norm, from scikit-learn's ``init='random'`` scale (sqrt(mean V / K)
     times |N(0, 1)|), drawn from each image's generator."""
-    b, c, n = v.shape
+    _, c, n = v.shape
     avg = (v.mean((1, 2)) / k).sqrt()[:, None, None]
     w = torch.stack([torch.randn(c, k, generator=g, device=v.device).abs() for g in gens]) * avg
     h = torch.stack([torch.randn(k, n, generator=g, device=v.device).abs() for g in gens]) * avg
