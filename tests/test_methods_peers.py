@@ -391,6 +391,97 @@ def test_dff_matches_pytorch_grad_cam_concepts(pgc) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# FEM
+
+
+def test_fem_matches_pytorch_grad_cam(net, pgc) -> None:
+    x = images()
+    ours = explain(net, x, "fem")
+    ref = pgc_layer_map(pgc.FEM, net, x, logits(net, x).argmax(1).tolist())
+    np.testing.assert_allclose(minmax(ours), ref, atol=1e-4)
+    assert ours.max() > 0
+
+
+def test_fem_limits_of_k(net) -> None:
+    """k -> -inf: every location passes, all weights 1, the map is the channel sum; k -> inf: none
+    passes, the map is zero. Class-agnostic: the same map for every target."""
+    x = images()
+    acts = net.features(x).detach()
+    close(explain(net, x, "fem", {"k": -1e6}), acts.sum(1).clamp_min(0), 1e-6)
+    assert explain(net, x, "fem", {"k": 1e6}).abs().max() == 0
+    assert torch.equal(explain(net, x, "fem", target=0), explain(net, x, "fem", target=3))
+
+
+# --------------------------------------------------------------------------------------------
+# Shapley-CAM
+
+
+class SmoothHeadNet(GapNet):
+    """GapNet with a tanh hidden layer in the head: a non-zero Hessian after the target layer."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(5, 16, seed)
+        g = torch.Generator().manual_seed(seed + 100)
+        self.hidden = nn.Linear(16, 16)
+        with torch.no_grad():
+            self.hidden.weight.copy_(torch.randn(16, 16, generator=g))
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.hidden(self.pool(self.features(x)).flatten(1))))
+
+
+def test_shapleycam_matches_pytorch_grad_cam(pgc) -> None:
+    model = SmoothHeadNet(seed=6)
+    x = images()
+    ours = explain(model, x, "shapleycam", {"relu": True})
+    ref = pgc_layer_map(pgc.ShapleyCAM, model, x, logits(model, x).argmax(1).tolist())
+    np.testing.assert_allclose(minmax(ours), ref, atol=1e-4)
+    assert not np.allclose(minmax(ours), minmax(explain(model, x, "gradcam")), atol=1e-3)  # the Hessian term counts
+
+
+def test_shapleycam_is_gradcam_when_piecewise_linear(net) -> None:
+    x = images()
+    close(explain(net, x, "shapleycam", {"relu": False}), explain(net, x, "gradcam", {"relu": False}), 1e-5)
+    hidden = HiddenHeadNet(seed=2).eval()
+    close(explain(hidden, x, "shapleycam"), explain(hidden, x, "gradcam"), 1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Finer-CAM
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.6])
+def test_finercam_matches_pytorch_grad_cam(pgc, alpha) -> None:
+    model = HiddenHeadNet(num_classes=8, seed=3).eval()
+    x = images()
+    ours = explain(model, x, "finercam", {"alpha": alpha})
+    with pgc.FinerCAM(model=model, target_layers=[model.features]) as cam:
+        cam.base_cam.compute_cam_per_layer = _no_resize(cam.base_cam)
+        ref = cam(input_tensor=x, targets=None, alpha=alpha)
+    np.testing.assert_allclose(minmax(ours), ref, atol=1e-4)
+    assert ours.max() > 0
+
+
+def test_finercam_alpha_zero_is_gradcam_and_objective_by_hand() -> None:
+    model = HiddenHeadNet(num_classes=8, seed=3).eval()
+    x = images()
+    close(explain(model, x, "finercam", {"alpha": 0.0}), explain(model, x, "gradcam"), 1e-5)
+    # One comparison class, alpha 1: the weights are the gradient of y_c - y_j, j the closest logit.
+    from xaicli.methods.cam_extra import similar_classes
+
+    y = logits(model, x)
+    t = y.argmax(1)
+    j = similar_classes(y, t, 1)[:, 0]
+    assert torch.all(j != t)
+    acts = model.features(x)
+    out = model.fc(torch.relu(model.hidden(model.pool(acts).flatten(1))))
+    (g,) = torch.autograd.grad((out.gather(1, t[:, None]) - out.gather(1, j[:, None])).sum(), acts)
+    expected = torch.einsum("bc,bchw->bhw", g.mean((2, 3)), acts.detach()).clamp_min(0)
+    close(explain(model, x, "finercam", {"comparisons": 1}), expected, 1e-5)
+
+
+# --------------------------------------------------------------------------------------------
 # Every method: batch-size invariance, the model left as found, the CLI end to end
 
 CASES: list[tuple[str, dict]] = [
@@ -402,6 +493,9 @@ CASES: list[tuple[str, dict]] = [
     ("smoothgradcampp", {"samples": 3}),
     ("kpcacam", {}),
     ("dff", {"concepts": 3, "iterations": 50}),
+    ("fem", {}),
+    ("shapleycam", {}),
+    ("finercam", {}),
 ]
 
 
