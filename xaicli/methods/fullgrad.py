@@ -79,8 +79,9 @@ def fullgrad(batch: Batch, p: NoParams) -> MethodOutput:
                 continue
             bg = bias[None, :, None, None] * g.float()
             total = total + bg.flatten(1).sum(1)
-            up = F.interpolate(scale_maps(bg.abs()), size=size, mode="bilinear", align_corners=False)
-            heat = heat + up.sum(1)
+            # Upsampling is linear: sum the channels first, then upsample one map (not C of them).
+            summed = scale_maps(bg.abs()).sum(1, keepdim=True)
+            heat = heat + F.interpolate(summed, size=size, mode="bilinear", align_corners=False)[:, 0]
         return torch.cat([heat.flatten(1), total[:, None]], 1)
 
     out = grad_pass(batch, [(m, False) for m, _ in layers], lambda idx: x[idx], batch.size, reduce)
