@@ -56,6 +56,12 @@ def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> None:
     assert err <= rtol * scale, f"max difference {err:.3g} vs scale {scale:.3g}"
 
 
+def hidden_head(num_classes: int = 5, seed: int = 0) -> HiddenHeadNet:
+    """HiddenHeadNet with its head (default PyTorch init) drawn from a seeded global RNG."""
+    torch.manual_seed(seed)
+    return HiddenHeadNet(num_classes=num_classes, seed=seed).eval()
+
+
 class RowLog:
     """A forward pre-hook that keeps every input row the model sees, in order."""
 
@@ -282,15 +288,16 @@ def test_smoothgradcampp_matches_torchcam_on_gap_linear(net, torchcam_methods) -
 
 def test_smoothgradcampp_matches_torchcam_hidden_head(torchcam_methods) -> None:
     """A hidden ReLU layer in the head: gradients depend on the input; one sample, negligible noise."""
-    model = loud(HiddenHeadNet(seed=4).eval())
+    model = loud(hidden_head(seed=4))
     x = images()
     ours = explain(model, x, "smoothgradcampp", {"samples": 1, "std": 1e-7})
     ref = torchcam_map(torchcam_methods.SmoothGradCAMpp, model, x, num_samples=1, std=1e-7)
-    np.testing.assert_allclose(minmax(ours), ref.numpy(), atol=5e-4)  # float32 sums of g^3 in TorchCAM
+    # 2e-3: TorchCAM sums g^3 * A in float32 and adds eps 1e-8 where alpha is ill-conditioned
+    np.testing.assert_allclose(minmax(ours), ref.numpy(), atol=2e-3)
 
 
 def test_smoothgradcampp_without_noise_is_gradcampp() -> None:
-    model = HiddenHeadNet(seed=5).eval()
+    model = SmoothHeadNet(seed=5)  # a smooth head: the layer gradient changes with the noisy input
     x = images()
     close(explain(model, x, "smoothgradcampp", {"samples": 3, "std": 0.0}), explain(model, x, "gradcampp"), 1e-4)
     noisy = explain(model, x, "smoothgradcampp", {"samples": 3, "std": 1.0})
@@ -443,7 +450,7 @@ def test_shapleycam_matches_pytorch_grad_cam(pgc) -> None:
 def test_shapleycam_is_gradcam_when_piecewise_linear(net) -> None:
     x = images()
     close(explain(net, x, "shapleycam", {"relu": False}), explain(net, x, "gradcam", {"relu": False}), 1e-5)
-    hidden = HiddenHeadNet(seed=2).eval()
+    hidden = hidden_head(seed=2)
     close(explain(hidden, x, "shapleycam"), explain(hidden, x, "gradcam"), 1e-5)
 
 
@@ -453,7 +460,7 @@ def test_shapleycam_is_gradcam_when_piecewise_linear(net) -> None:
 
 @pytest.mark.parametrize("alpha", [1.0, 0.6])
 def test_finercam_matches_pytorch_grad_cam(pgc, alpha) -> None:
-    model = HiddenHeadNet(num_classes=8, seed=3).eval()
+    model = hidden_head(num_classes=8, seed=3)
     x = images()
     ours = explain(model, x, "finercam", {"alpha": alpha})
     with pgc.FinerCAM(model=model, target_layers=[model.features]) as cam:
@@ -464,7 +471,7 @@ def test_finercam_matches_pytorch_grad_cam(pgc, alpha) -> None:
 
 
 def test_finercam_alpha_zero_is_gradcam_and_objective_by_hand() -> None:
-    model = HiddenHeadNet(num_classes=8, seed=3).eval()
+    model = hidden_head(num_classes=8, seed=3)
     x = images()
     close(explain(model, x, "finercam", {"alpha": 0.0}), explain(model, x, "gradcam"), 1e-5)
     # One comparison class, alpha 1: the weights are the gradient of y_c - y_j, j the closest logit.
