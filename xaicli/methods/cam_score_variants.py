@@ -13,9 +13,9 @@ from torch import Tensor
 
 from ..config import non_negative, positive
 from . import register
-from .ablation import channel_cost, top_channels
 from .batch import Batch
 from .cam import combine
+from .cam_ablation import channel_cost, top_channels
 
 
 @dataclass(frozen=True)
