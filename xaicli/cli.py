@@ -176,7 +176,7 @@ def _summary(result: Any) -> None:
     err_console.print(
         f"[bold green]done[/]: {ok} ok, {failed} failed"
         + (f", {result.skipped} already done" if result.skipped and merged is None else "")
-        + f" -> {result.out}/ ({run['model']}, layer {run['layer']}, {run['device']['type']}{rate})",
+        + f" -> {result.out}/ ({run['model']}, layer {_layer_text(run)}, {run['device']['type']}{rate})",
         highlight=False,
         soft_wrap=True,
     )
@@ -193,6 +193,28 @@ def _summary(result: Any) -> None:
         err_console.print(f"  [red]failed[/] {f['path']}: {f['error']['message']}", highlight=False, soft_wrap=True)
     if len(run["failures"]) > 10:
         err_console.print(f"  ... and {len(run['failures']) - 10} more (see run.json)")
+
+
+def _layout_or_none(shape: tuple[int, ...], size: tuple[int, int], cfg: Any) -> Any:
+    from .errors import LayerError
+    from .layers import detect_layout
+
+    try:
+        return detect_layout(shape, size, cfg.layer_layout, cfg.prefix_tokens)
+    except LayerError:
+        return None  # `xai explain` says why; the table is still worth printing
+
+
+def _layer_text(run: dict[str, Any]) -> str:
+    """The target layer as the summary names it: automatic or not, and its layout when not (B, C, h, w)."""
+    notes = ["automatic"] if run.get("layer_auto") else []
+    layout = run.get("layer_layout") or {}
+    if layout.get("layout") == "tokens":
+        grid = "x".join(map(str, layout["grid"]))
+        notes.append(f"tokens: {layout['prefix_tokens']} prefix + {grid} grid")
+    elif layout.get("layout") == "nhwc":
+        notes.append("channels-last")
+    return f"{run['layer']}" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 @app.command()
@@ -334,7 +356,7 @@ def layers(
         from rich.table import Table
 
         from .config import load_config
-        from .layers import auto_layer, layer_table, trace_modules
+        from .layers import auto_layer, layer_table, parse_layer_spec, trace_modules
         from .models import build_model
 
         cfg = load_config(config)
@@ -344,24 +366,31 @@ def layers(
         rows = layer_table(loaded.module, size, seen=seen)
         auto = auto_layer(loaded.module, size, seen=seen).spec
         chosen = cfg.target_layer or auto
+        base, use_input = parse_layer_spec(chosen)
+        row = next((r for r in rows if r.name == base), None)
+        shape = (row.input_shape if use_input else row.output_shape) if row else None
+        layout = _layout_or_none(shape, size, cfg) if shape else None
         if as_json:
             console.print_json(json.dumps({
                 "model": loaded.description, "input_size": list(size), "auto_layer": auto, "target_layer": chosen,
+                "layer_layout": layout.describe() if layout else None,
                 "layers": [r.__dict__ for r in rows if all_layers or r.calls],
             }))
             return
         table = Table(title=f"{loaded.description}, input 1x3x{size[0]}x{size[1]}")
         for col in ("layer", "type", "output shape", "calls"):
             table.add_column(col)
-        base = chosen.split(":")[0]
+        auto_base = auto.split(":")[0]
         for r in rows:
             if not all_layers and not r.calls:
                 continue
             mark = " [bold green]<- target[/]" if r.name == base else ""
+            mark += " [cyan](auto)[/]" if r.name == auto_base else ""
             table.add_row("  " * r.depth + r.name + mark, r.type,
                           "x".join(map(str, r.output_shape)) if r.output_shape else "-", str(r.calls))
         console.print(table)
-        console.print(f"target layer: [bold]{chosen}[/] (automatic choice: {auto})", highlight=False)
+        console.print(f"target layer: [bold]{chosen}[/] (automatic choice: {auto})"
+                      + (f"; layout: {layout.text()}" if layout else ""), highlight=False)
 
 
 @app.command()
