@@ -80,7 +80,7 @@ def tiny_timm_vit(num_classes: int = 5, seed: int = 0, distilled: bool = False, 
 
 
 def tiny_swin(num_classes: int = 5, seed: int = 0) -> nn.Module:
-    """torchvision's Swin at toy size: 64x64 input, 2 stages, window 4 (channels-last blocks)."""
+    """torchvision's Swin at toy size: 32x32 input, 2 stages, window 4 (channels-last blocks)."""
     from torchvision.models.swin_transformer import SwinTransformer
 
     net = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4],

@@ -51,18 +51,24 @@ class TensorLayout:
         return self.kind
 
 
-def _plausible_grid(size: tuple[int, int], h: int, w: int) -> bool:
-    """True when an (h, w) map can come from an input of ``size`` by one integer stride for both
-    sides (up to one row or column of padding): 7x7 at 224 (stride 32), 14x20 at 224x320."""
+def _plausible_grid(size: tuple[int, int], h: int, w: int, strict: bool = False) -> bool:
+    """True when an (h, w) map can come from an input of ``size`` by one integer stride k for both
+    sides: up to one row or column of padding (7x7 at 224, 14x20 at 224x320), or ``strict``: both
+    sides rounded the same way (H // k, W // k or both rounded up), as a patch embedding does."""
     H, W = size
     if not (1 <= h <= H and 1 <= w <= W):
         return False
-    return any(abs(H / k - h) <= 1 and abs(W / k - w) <= 1 for k in range(1, max(H, W) + 1))
+    for k in range(1, max(H, W) + 1):
+        if strict and ((h, w) == (H // k, W // k) or (h, w) == (-(-H // k), -(-W // k))):
+            return True
+        if not strict and abs(H / k - h) <= 1 and abs(W / k - w) <= 1:
+            return True
+    return False
 
 
 def _token_grid(n: int, size: tuple[int, int]) -> tuple[int, int] | None:
     """The patch grid (h, w) of ``n`` tokens for an input of ``size``, or None."""
-    grids = [(h, n // h) for h in range(1, n + 1) if n % h == 0 and _plausible_grid(size, h, n // h)]
+    grids = [(h, n // h) for h in range(1, n + 1) if n % h == 0 and _plausible_grid(size, h, n // h, strict=True)]
     if not grids:
         return None
     H, W = size
@@ -76,7 +82,7 @@ def detect_layout(shape: tuple[int, ...], size: tuple[int, int], kind: str = "au
     the tokens before the patch grid when known. None for a tensor that is neither 3-d nor 4-d
     (no spatial map: the methods say so)."""
     raw = tuple(shape[1:])
-    source = "config" if kind != "auto" or prefix_tokens is not None else "detected"
+    source = "config" if kind != "auto" or (prefix_tokens is not None and len(shape) == 3) else "detected"
     if kind not in ("auto", *LAYOUTS):
         raise LayerError(f"layer_layout: unknown layout {kind!r}", suggest(kind, ["auto", *LAYOUTS]))
     if len(shape) == 4 and kind != "tokens":
