@@ -205,17 +205,33 @@ def _fuse(a: Tensor, how: HeadFusion) -> Tensor:
     aliases=("rollout",),
 )
 def attention_rollout(batch: Batch, p: RolloutParams) -> Tensor:
-    """R = prod_l (0.5 A_l + 0.5 I), rows renormalised, later blocks on the left; A_l the block's
-    attention fused over heads (mean, or max/min as in Gildenblat's vit-explain); the map is the
-    class token's row over the patch tokens (B, h, w). Class-agnostic: the target is not used."""
+    """R = prod_l (0.5 A_l + 0.5 I), rows renormalised, later blocks on the left (:func:`rollout`);
+    A_l the block's attention fused over heads (mean, or max/min as in Gildenblat's vit-explain);
+    the map is the class token's row over the patch tokens (B, h, w). Class-agnostic."""
     taps, _ = _run_taps(batch, grads=False)
-    b, _, n, _ = taps[0].q.shape
-    eye = torch.eye(n, device=taps[0].q.device)
+    return _class_row(rollout([t.weights() for t in taps], p.head_fusion), batch)
+
+
+def rollout(weights: list[Tensor], head_fusion: HeadFusion = "mean") -> Tensor:
+    """Abnar & Zuidema's rollout of the blocks' attention (B, heads, T, T), first block first:
+    R = A'_L ... A'_1 with A' = 0.5 fuse(A) + 0.5 I, rows renormalised; (B, T, T)."""
+    b, _, n, _ = weights[0].shape
+    eye = torch.eye(n, device=weights[0].device)
     r = eye.expand(b, n, n)
-    for tap in taps:
-        a = 0.5 * _fuse(tap.weights(), p.head_fusion) + 0.5 * eye
+    for w in weights:
+        a = 0.5 * _fuse(w, head_fusion) + 0.5 * eye
         r = (a / a.sum(-1, keepdim=True)) @ r
-    return _class_row(r, batch)
+    return r
+
+
+def gradient_rollout(weights: list[Tensor], grads: list[Tensor]) -> Tensor:
+    """Chefer et al.'s relevance for self-attention: R = I, then per block (first first)
+    R += mean_h((dA ⊙ A)^+) R; (B, T, T)."""
+    b, _, n, _ = weights[0].shape
+    r = torch.eye(n, device=weights[0].device).expand(b, n, n).clone()
+    for a, da in zip(weights, grads, strict=True):
+        r = r + (da * a).clamp_min(0).mean(1) @ r
+    return r
 
 
 @register(
@@ -230,19 +246,15 @@ def attention_rollout(batch: Batch, p: RolloutParams) -> Tensor:
     aliases=("chefer", "gradient_rollout"),
 )
 def grad_rollout(batch: Batch, p: Any) -> Tensor:
-    """R = I; per block R += mean_h((dA ⊙ A)^+) R, with dA = d logit[target] / d A (their eq. 5-6
-    for self-attention); the map is the class token's row over the patch tokens (B, h, w)."""
+    """R = I; per block R += mean_h((dA ⊙ A)^+) R (:func:`gradient_rollout`), dA = d logit[target] / d A
+    (their eq. 5-6 for self-attention); the map is the class token's row over the patch tokens (B, h, w)."""
     taps, score = _run_taps(batch, grads=True)
     assert score is not None
     lives = [t.live for t in taps]
     if any(t is None or not t.requires_grad for t in lives):
         raise MethodError("grad_rollout: the attention is not connected to the logits by differentiable operations")
     found = torch.autograd.grad(score, lives, allow_unused=True)  # type: ignore[arg-type]
-    b, _, n, _ = taps[0].q.shape
-    eye = torch.eye(n, device=taps[0].q.device)
-    r = eye.expand(b, n, n).clone()
-    for tap, g in zip(taps, found, strict=True):
-        a = tap.weights()
-        da = tap.weight_grads(g) if g is not None else torch.zeros_like(a)
-        r = r + (da * a).clamp_min(0).mean(1) @ r
-    return _class_row(r, batch)
+    weights = [t.weights() for t in taps]
+    grads = [t.weight_grads(g) if g is not None else torch.zeros_like(a)
+             for t, g, a in zip(taps, found, weights, strict=True)]
+    return _class_row(gradient_rollout(weights, grads), batch)
