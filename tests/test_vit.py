@@ -251,3 +251,55 @@ def test_a_wrong_prefix_in_the_config_fails_at_setup_with_the_shape():
     cfg = config_from_dict({**yaml.safe_load(VIT_CONFIG), "prefix_tokens": 2})
     with pytest.raises(LayerError, match=r"17 tokens .*prefix_tokens: 2"):
         setup(cfg, torch.device("cpu"))
+
+
+def test_xai_explain_on_a_vit_end_to_end(tmp_path, image_dir):
+    """Grad-CAM, Score-CAM (max_channels), Integrated Gradients and both rollouts through the CLI."""
+    from typer.testing import CliRunner
+
+    from xaicli.cli import app
+
+    cfg = tmp_path / "vit.yaml"
+    cfg.write_text(VIT_CONFIG.replace("method: [gradcam]", (
+        "method: [gradcam, scorecam, integrated_gradients, attention_rollout, grad_rollout]\n"
+        "methods: {scorecam: {max_channels: 4}, integrated_gradients: {steps: 4}}\n"
+        "runtime: {device: cpu, batch_size: 4, workers: 0}\n")))
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["explain", str(image_dir), "-c", str(cfg), "-o", str(out), "--save-maps"])
+    assert r.exit_code == 0, r.output
+    recs = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert len(recs) == 5 and all(x["status"] == "ok" for x in recs)
+    for rec in recs:
+        methods = {e["method"]: e for e in rec["explanations"]}
+        assert list(methods) == ["gradcam", "scorecam", "integrated_gradients", "attention_rollout", "grad_rollout"]
+        assert methods["gradcam"]["map"]["shape"] == [4, 4] and methods["gradcam"]["layer"].endswith("ln_1")
+        assert methods["attention_rollout"]["map"]["shape"] == [4, 4] and methods["attention_rollout"]["layer"] is None
+        for e in methods.values():
+            assert (out / e["files"]["overlay"]).is_file()
+            assert np.load(out / e["files"]["map"]).shape == (rec["height"], rec["width"])
+    run = json.loads((out / "run.json").read_text())
+    assert run["layer_layout"]["layout"] == "tokens" and run["layer_auto"] is True
+
+
+def test_xai_explain_on_a_swin_stage_end_to_end(tmp_path, image_dir):
+    """A channels-last Swin stage through the CLI: Grad-CAM, Score-CAM and Integrated Gradients."""
+    from typer.testing import CliRunner
+
+    from xaicli.cli import app
+
+    cfg = tmp_path / "swin.yaml"
+    cfg.write_text(
+        "model: {source: factory, factory: 'tests.nets:tiny_swin', weights: random}\n"
+        "preprocess: {resize: [32, 32]}\n"
+        "target_layer: features.3\n"
+        "method: [gradcam, scorecam, integrated_gradients]\n"
+        "methods: {scorecam: {max_channels: 4}, integrated_gradients: {steps: 4}}\n"
+        "runtime: {device: cpu, batch_size: 4, workers: 0}\n")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["explain", str(image_dir), "-c", str(cfg), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    recs = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert len(recs) == 5 and all(x["status"] == "ok" for x in recs)
+    assert {e["method"]: e["map"]["shape"] for e in recs[0]["explanations"]}["gradcam"] == [4, 4]
+    run = json.loads((out / "run.json").read_text())
+    assert run["layer_layout"]["layout"] == "nhwc" and run["layer_shape"] == [32, 4, 4] and not run["layer_auto"]
