@@ -16,7 +16,7 @@ from xaicli.config import TargetConfig
 from xaicli.engine import Explainer
 from xaicli.errors import MethodError
 from xaicli.methods import get_method
-from xaicli.methods.attention import attention_taps, gradient_rollout, rollout
+from xaicli.methods.transformer import attention_taps, gradient_rollout, rollout
 from xaicli.methods.batch import Runner
 
 
