@@ -16,8 +16,8 @@ from xaicli.config import TargetConfig
 from xaicli.engine import Explainer
 from xaicli.errors import MethodError
 from xaicli.methods import get_method
-from xaicli.methods.transformer import attention_taps, gradient_rollout, rollout
 from xaicli.methods.batch import Runner
+from xaicli.methods.transformer import attention_taps, gradient_rollout, rollout
 
 
 def explain(net: nn.Module, x: torch.Tensor, name: str, targets: torch.Tensor | None = None, **knobs) -> torch.Tensor:

@@ -101,9 +101,10 @@ def _tap_timm(m: nn.Module, taps: list[Tap]) -> list[Any]:
         taps.append(Tap(seen.pop("q").detach().float(), seen.pop("k").detach().float(), v.detach().float(),
                         float(m.scale), h_live, lambda g: _heads(g, n_heads)))  # type: ignore[arg-type]
 
-    before_proj = m.norm if isinstance(getattr(m, "norm", None), nn.Module) else m.proj
-    return [m.qkv.register_forward_hook(keep("qkv")), m.q_norm.register_forward_hook(keep("q")),
-            m.k_norm.register_forward_hook(keep("k")), before_proj.register_forward_pre_hook(keep("h")),
+    sub = m.get_submodule
+    before_proj = sub("norm") if isinstance(getattr(m, "norm", None), nn.Module) else sub("proj")
+    return [sub("qkv").register_forward_hook(keep("qkv")), sub("q_norm").register_forward_hook(keep("q")),
+            sub("k_norm").register_forward_hook(keep("k")), before_proj.register_forward_pre_hook(keep("h")),
             m.register_forward_hook(post)]
 
 
