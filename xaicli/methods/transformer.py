@@ -164,6 +164,7 @@ def _run_taps(batch: Batch, grads: bool) -> tuple[list[Tap], Tensor | None]:
     ctx = torch.enable_grad() if grads else torch.no_grad()
     with attention_taps(batch.model) as taps, ctx, batch.runner.autocast():
         logits = batch.model(x)
+    batch.runner.count_pass(batch.size)
     if not taps:
         raise MethodError(f"attention rollout: no attention module of {type(batch.model).__name__} ran")
     logits = as_logits(logits)
