@@ -6,6 +6,7 @@ API, the benchmarks and the sanity test.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from .capture import LogitsOnly, as_logits, forward, record
 from .config import Config, TargetConfig
 from .errors import ConfigError, MethodError, suggest
-from .layers import LayerRef, auto_layer, resolve_layer
+from .layers import LayerRef, auto_layer, detect_layout, resolve_layer
 from .methods import MethodSpec
 from .methods.batch import Batch, MethodOutput, PixelSpace, Runner
 from .metrics import MetricSpec
@@ -187,6 +188,7 @@ class Setup:
     runner: Runner
     ground_truth: GroundTruth | None = None  # for the localization metrics
     image_targets: ImageTargets | None = None  # target: a file or folder of per-image classes
+    layer_auto: bool = False  # the layer was chosen automatically (target_layer omitted or auto)
 
     @property
     def warnings(self) -> list[str]:
@@ -270,7 +272,9 @@ def setup(cfg: Config | Plan, device: torch.device | None = None) -> Setup:
     if out.dim() != 2:
         raise MethodError(f"the model's output has shape {tuple(out.shape)}; xaicli explains classifiers (B, classes)")
     n_classes = int(out.shape[1])
-    layer_shape = tuple(rec.tensor().shape[1:]) if layer is not None else None
+    layer_shape = None
+    if layer is not None:
+        layer, layer_shape = _with_layout(layer, tuple(rec.tensor().shape), (h, w), cfg)
     if loaded.labels is not None and len(loaded.labels) != n_classes:
         raise ConfigError(
             f"model.labels: {len(loaded.labels)} class names but the model outputs {n_classes} classes",
@@ -286,9 +290,19 @@ def setup(cfg: Config | Plan, device: torch.device | None = None) -> Setup:
         precision=cfg.runtime.precision,
     )
     st = Setup(cfg, device, loaded, model, layer, layer_shape, n_classes, target, methods, metrics, runner,
-               ground_truth, image_targets)
+               ground_truth, image_targets, layer_auto=layer is not None and not cfg.target_layer)
     _dry_run(st)
     return st
+
+
+def _with_layout(layer: LayerRef, shape: tuple[int, ...], size: tuple[int, int],
+                 cfg: Config) -> tuple[LayerRef, tuple[int, ...]]:
+    """The layer with its layout found once from the dummy forward's ``shape`` (or as the config
+    says), and the (C, h, w) shape the methods will see."""
+    layout = detect_layout(shape, size, cfg.layer_layout, cfg.prefix_tokens)
+    if layout is None:
+        return layer, shape[1:]
+    return dataclasses.replace(layer, layout=layout), layout.spatial_shape(shape[1:])
 
 
 def _dry_run(st: Setup) -> None:

@@ -421,6 +421,8 @@ def _describe(req: RunRequest, st: Setup, layout: Layout, clock: _Clock, styles:
         "n_classes": st.n_classes,
         "layer": st.layer.spec if st.layer else None,
         "layer_shape": list(st.layer_shape) if st.layer_shape else None,
+        "layer_auto": st.layer_auto,
+        "layer_layout": st.layer.layout.describe() if st.layer and st.layer.layout else None,
         "preprocess": {"resize": pre.resize, "crop": pre.crop, "mean": pre.mean, "std": pre.std,
                        "interpolation": pre.interpolation, "input_size": list(pre.input_size)},
         "target": st.target.describe(),
