@@ -87,7 +87,8 @@ class Runner:
 
     def count_pass(self, n: int) -> None:
         """Count ``n`` inputs that a method sent through the model on its own (the attention
-        methods' tapped forward), so the progress display sees them as it sees the Runner's."""
+        methods' tapped forward, passes.grad_pass), so the progress display sees them as it sees
+        the Runner's."""
         self._passed(n)
 
     def prepare(self, x: Tensor) -> Tensor:

@@ -96,7 +96,7 @@ def grad_pass(
                 raise LayerError("a recorded layer did not run during the forward pass",
                                  "pick a module that the model's forward uses (`xai layers`)")
             out = reduce(idx, xs, logits, tensors).detach()
-        runner._passed(sl.stop - sl.start)
+        runner.count_pass(sl.stop - sl.start)
         return out
 
     return run_chunked(one, n, runner.budget)
