@@ -74,6 +74,45 @@ def small_cnn(num_classes: int = 10, width: int = 32) -> nn.Module:
     return SmallCnn(num_classes, width)
 
 
+def _randomise(net: nn.Module, seed: int, scale: float = 0.5) -> nn.Module:
+    """Every parameter drawn from N(0, scale^2): torchvision's ViT starts with a zero head, whose
+    maps would all be zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return net.eval()
+
+
+def tiny_vit(num_classes: int = 5, image_size: int = 32, patch_size: int = 8, seed: int = 0) -> nn.Module:
+    """torchvision's VisionTransformer at toy size: a 4x4 patch grid + class token, 2 blocks."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    net = VisionTransformer(image_size=image_size, patch_size=patch_size, num_layers=2, num_heads=2, hidden_dim=16,
+                            mlp_dim=32, num_classes=num_classes)
+    return _randomise(net, seed)
+
+
+def tiny_timm_vit(num_classes: int = 5, seed: int = 0, distilled: bool = False, reg_tokens: int = 0) -> nn.Module:
+    """timm's VisionTransformer (or the distilled DeiT) at toy size: 32x32 input, 4x4 patch grid."""
+    import timm
+
+    name = "deit_tiny_distilled_patch16_224" if distilled else "vit_tiny_patch16_224"
+    kwargs = {"reg_tokens": reg_tokens} if reg_tokens else {}
+    net = timm.create_model(name, pretrained=False, img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2,
+                            num_classes=num_classes, **kwargs)
+    return _randomise(net, seed, 0.3)
+
+
+def tiny_swin(num_classes: int = 5, seed: int = 0) -> nn.Module:
+    """torchvision's Swin at toy size: 32x32 input, 2 stages, window 4 (channels-last blocks)."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    net = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4],
+                          num_classes=num_classes)
+    return _randomise(net, seed, 0.3)
+
+
 class SlowNet(GapNet):
     """GapNet whose forward sleeps ``delay`` s and, while the file ``hold`` exists, waits (after
     creating ``hold.reached``): a run that another process meets at a moment the test chooses."""

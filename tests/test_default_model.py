@@ -70,7 +70,12 @@ def test_shipped_configs_build_without_weights_and_give_a_map(path):
     assert cfg.model.source == "torchvision" and cfg.model.weights
     model_cfg = dataclasses.replace(cfg.model, weights="random", kwargs={"num_classes": 10})  # asked for
     model = build_model(model_cfg, cfg.preprocess).module
-    x = torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # torchvision's ViT starts with a zero head: every map would be zero
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and not m.weight.any():
+                m.weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+    size = 224 if cfg.model.name.startswith("vit") else 96  # a ViT takes the size it was built for
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     m = explain_tensor(model, x, cfg.method[0], cfg.target_layer)
     assert m.dim() == 3 and m.shape[1] >= 2 and torch.isfinite(m).all() and m.max() > 0
 

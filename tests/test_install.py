@@ -49,7 +49,7 @@ def test_config_by_shipped_name(tmp_path: Path, monkeypatch):
         load_config("resnet5")
     assert "'resnet5' is neither a file nor a shipped config" in e.value.message
     assert e.value.hint is not None and e.value.hint.startswith("did you mean 'resnet50'")
-    assert "convnext_tiny, default, densenet121, mobilenet_v3_large, resnet50, vgg16" in e.value.hint
+    assert "convnext_tiny, default, densenet121, mobilenet_v3_large, resnet50, swin_t, vgg16, vit_b_16" in e.value.hint
     (tmp_path / "resnet50").write_text("method: eigencam\n")  # a file of that name here wins
     assert load_config("resnet50").method == ("eigencam",)
     with pytest.raises(ConfigError, match="config file not found: nope/x.yaml"):
@@ -95,3 +95,4 @@ def test_wheel_carries_the_shipped_configs(tmp_path: Path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"xaicli/configs/{n}.yaml" for n in shipped_configs()} <= names
     assert "xaicli/data/imagenet_classes.txt" in names
+    assert "xaicli/py.typed" in names  # type checkers read the API's annotations

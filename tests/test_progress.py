@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from tests.nets import GapNet
+from tests.nets import GapNet, tiny_vit
 from xaicli.cli import app
 from xaicli.config import TargetConfig
 from xaicli.engine import Explainer
@@ -30,16 +30,17 @@ class Clock:
 
 def test_every_method_plans_the_passes_the_runner_counts():
     """The plan the display divides by is what the Runner really sends through the model."""
-    net = GapNet().eval()
+    gap, vit = GapNet().eval(), tiny_vit()  # the attention methods need a transformer
     x = torch.randn(3, 3, 32, 32)
     checked = 0
     for spec in all_methods():
+        net, layer = (vit, "encoder.layers.encoder_layer_1.ln_1") if spec.family == "attention" else (gap, "features")
         params = method_params(spec)
         planned, exact = _passes_per_image(spec, params, 16, (32, 32))
         counted = []
         runner = Runner(net, 5, on_pass=counted.append)
         named = []
-        Explainer(net, [(spec, params)], resolve_layer(net, "features"), TargetConfig(), runner,
+        Explainer(net, [(spec, params)], resolve_layer(net, layer), TargetConfig(), runner,
                   on_method=named.append)(x, torch.arange(3))
         assert named == [spec.name]
         assert all(0 < n <= 5 for n in counted), (spec.name, counted)  # one call per chunk of the budget

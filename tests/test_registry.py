@@ -92,7 +92,7 @@ def test_method_and_metric_order_and_messages() -> None:
     from xaicli.methods import all_methods, get_method
     from xaicli.metrics import all_metrics, get_metric
 
-    names = [m.name for m in all_methods()]  # modules cam, eigen, gradient, perturbation
+    names = [m.name for m in all_methods()]  # modules cam, eigen, gradient, perturbation, transformer
     assert names[:2] == ["cam", "gradcam"]
     assert names.index("eigencam") < names.index("saliency") < names.index("occlusion")
     assert [m.name for m in all_metrics()][:3] == ["deletion", "insertion", "drop_increase"]

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import LayerError, MethodError
-from .layers import LayerRef
+from .layers import LayerRef, TensorLayout, detect_layout
 
 
 @dataclass
@@ -130,12 +130,13 @@ class Capture:
     class scores of given targets, once per target rank."""
 
     layer: LayerRef | None
+    layout: TensorLayout | None  # how the layer's output holds its map (converted to (B, C, h, w) here)
     grad_of: frozenset[str]  # "layer" and/or "input": which gradients the methods read
     x: Tensor  # the input the model saw (requires grad when gradients are taken)
     logits: Tensor
     activations: Tensor | None
     _live: Tensor | None  # the logits inside the autograd graph
-    _acts_live: Tensor | None
+    _acts_live: Tensor | None  # the layer's tensor inside the graph, in its own layout
 
     def gradients(self, targets: Tensor, retain: bool) -> tuple[Tensor | None, Tensor | None]:
         """d logit[target] / d activations (B, C, h, w) and / d input (B, C, H, W), float32 and
@@ -162,7 +163,7 @@ class Capture:
         if "layer" in self.grad_of:
             g = next(found)
             assert self.activations is not None
-            grads = torch.zeros_like(self.activations) if g is None else _spatial(self.layer, g.detach().float())
+            grads = torch.zeros_like(self.activations) if g is None else _spatial(self.layout, g.detach().float())
         if "input" in self.grad_of:
             g = next(found)
             input_grad = torch.zeros_like(self.x, dtype=torch.float32) if g is None else g.detach().float()
@@ -184,13 +185,27 @@ def forward(model: nn.Module, x: Tensor, layer: LayerRef | None, grad_of: frozen
     grad_ctx = torch.enable_grad() if grad_of else torch.inference_mode()
     with record(layer) as rec, grad_ctx, autocast():
         live = as_logits(model(xin))
-    acts_live = _spatial(layer, rec.tensor()) if layer is not None else None
-    acts = acts_live.detach().float() if acts_live is not None else None
-    return Capture(layer, grad_of, xin, live.detach().float(), acts, live if grad_of else None,
-                   acts_live if grad_of else None)
+    layout = raw = acts = None
+    if layer is not None:
+        raw = rec.tensor()  # in the graph: gradients are taken with respect to it, then converted alike
+        # engine.setup found the layout once from its dummy forward; a bare call finds it here
+        layout = layer.layout or detect_layout(tuple(raw.shape), (int(x.shape[-2]), int(x.shape[-1])))
+        acts = _spatial(layout, raw.detach().float())
+    return Capture(layer, layout, grad_of, xin, live.detach().float(), acts, live if grad_of else None,
+                   raw if grad_of else None)
 
 
-def _spatial(layer: LayerRef | None, t: Tensor) -> Tensor:
+def _spatial(layout: TensorLayout | None, t: Tensor) -> Tensor:
     """The layer's tensor in the (B, C, h, w) layout the methods read: the one place where a
-    layer's own layout would be converted (a layer's output is taken as it comes today)."""
-    return t
+    layer's own layout is converted, for activations and gradients alike. ``nhwc`` (B, h, w, C)
+    is permuted; ``tokens`` (B, prefix + h*w, C) loses its prefix (class, register) tokens and
+    the patch tokens are laid out row by row on the grid; ``nchw`` (and None: no spatial map,
+    Batch.spatial says so) is taken as it comes."""
+    if layout is None or layout.kind == "nchw":
+        return t
+    if layout.kind == "nhwc":
+        return t.permute(0, 3, 1, 2).contiguous()
+    assert layout.grid is not None
+    b, _, c = t.shape
+    grid = t[:, layout.prefix_tokens:, :].reshape(b, *layout.grid, c)
+    return grid.permute(0, 3, 1, 2).contiguous()

@@ -272,7 +272,7 @@ def _summary(result: Any) -> None:
     ok, failed = (merged.ok, merged.failed) if merged is not None else (result.ok, result.failed)
     say(("done", "bold green"),
         f": {ok} ok, {failed} failed" + (f", {result.skipped} already done" if result.skipped and merged is None else "")
-        + f" -> {result.out}/ ({run['model']}, layer {run['layer']}, {run['device']['type']}{rate})")
+        + f" -> {result.out}/ ({run['model']}, layer {_layer_text(run)}, {run['device']['type']}{rate})")
     if result.pending:
         say(f"  part {run['part']['label']} done; waiting for {', '.join(result.pending)}: the last part to finish "
             f"merges them (or run `xai merge {result.out}`)")
@@ -284,6 +284,28 @@ def _summary(result: Any) -> None:
         say(("  failed ", "red"), f"{f['path']}: {(f.get('error') or {}).get('message')}")
     if len(run["failures"]) > 10:
         say(f"  ... and {len(run['failures']) - 10} more (see run.json)")
+
+
+def _layout_or_none(shape: tuple[int, ...], size: tuple[int, int], cfg: Any) -> Any:
+    from .errors import LayerError
+    from .layers import detect_layout
+
+    try:
+        return detect_layout(shape, size, cfg.layer_layout, cfg.prefix_tokens)
+    except LayerError:
+        return None  # `xai explain` says why; the table is still worth printing
+
+
+def _layer_text(run: dict[str, Any]) -> str:
+    """The target layer as the summary names it: automatic or not, and its layout when not (B, C, h, w)."""
+    notes = ["automatic"] if run.get("layer_auto") else []
+    layout = run.get("layer_layout") or {}
+    if layout.get("layout") == "tokens":
+        grid = "x".join(map(str, layout["grid"]))
+        notes.append(f"tokens: {layout['prefix_tokens']} prefix + {grid} grid")
+    elif layout.get("layout") == "nhwc":
+        notes.append("channels-last")
+    return f"{run['layer']}" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 @app.command()
@@ -464,7 +486,7 @@ def layers(
         from rich.table import Table
 
         from .config import load_config
-        from .layers import auto_layer, layer_table, trace_modules
+        from .layers import auto_layer, layer_table, parse_layer_spec, trace_modules
         from .models import build_model
 
         cfg = load_config(config)
@@ -474,9 +496,14 @@ def layers(
         rows = layer_table(loaded.module, size, seen=seen)
         auto = auto_layer(loaded.module, size, seen=seen).spec
         chosen = cfg.target_layer or auto
+        base, use_input = parse_layer_spec(chosen)
+        row = next((r for r in rows if r.name == base), None)
+        shape = (row.input_shape if use_input else row.output_shape) if row else None
+        layout = _layout_or_none(shape, size, cfg) if shape else None
         if as_json:
             console.print_json(json.dumps({
                 "model": loaded.description, "input_size": list(size), "auto_layer": auto, "target_layer": chosen,
+                "layer_layout": layout.describe() if layout else None,
                 "layers": [r.__dict__ for r in rows if all_layers or r.calls],
             }))
             return
@@ -485,15 +512,17 @@ def layers(
         table = Table(title=escape(printable(f"{loaded.description}, input 1x3x{size[0]}x{size[1]}")))
         for col in ("layer", "type", "output shape", "calls"):
             table.add_column(col)
-        base = chosen.split(":")[0]
+        auto_base = auto.split(":")[0]
         for r in rows:
             if not all_layers and not r.calls:
                 continue
             mark = " [bold green]<- target[/]" if r.name == base else ""
+            mark += " [cyan](auto)[/]" if r.name == auto_base else ""
             table.add_row("  " * r.depth + escape(printable(r.name)) + mark, escape(printable(r.type)),
                           "x".join(map(str, r.output_shape)) if r.output_shape else "-", str(r.calls))
         console.print(table)
-        say("target layer: ", (printable(chosen), "bold"), f" (automatic choice: {auto})", console_=console)
+        say("target layer: ", (printable(chosen), "bold"), f" (automatic choice: {auto})"
+            + (f"; layout: {layout.text()}" if layout else ""), console_=console)
 
 
 @app.command()

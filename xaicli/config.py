@@ -277,6 +277,11 @@ class Config:
     model: ModelConfig = EMBEDDED_MODEL
     preprocess: PreprocessConfig = EMBEDDED_PREPROCESS
     target_layer: str | None = EMBEDDED_LAYER  # None: the last spatial layer, found by a dry run
+    # How the target layer's output holds its map: auto (found from the dummy forward), tokens
+    # (ViT: (B, prefix + h*w, C)), nhwc (Swin, ConvNeXt blocks) or nchw; prefix_tokens: the class /
+    # register tokens before the patch grid when detection cannot tell.
+    layer_layout: str = "auto"
+    prefix_tokens: int | None = None
     method: tuple[str, ...] = ("gradcam",)  # as written; plan.resolve_plan checks and canonicalises them
     methods: dict[str, Any] = field(default_factory=dict)  # knobs per method, validated by plan.py
     target: TargetConfig = field(default_factory=TargetConfig)
@@ -570,6 +575,7 @@ def config_from_dict(data: Any, source_path: str | None = None) -> Config:
         if v is not None and (not isinstance(v, str) or not v.strip()):
             raise ConfigError(f"target_layer: expected a dotted module path such as 'layer4', got {quote(v)}")
         kwargs["target_layer"] = None if v in (None, "auto") else v.strip()
+    kwargs.update(_layer_layout(data))
     if "method" in data:
         kwargs["method"] = parse_methods(data["method"])
     if "target" in data:
@@ -591,6 +597,28 @@ def config_from_dict(data: Any, source_path: str | None = None) -> Config:
     if "train" in data:
         kwargs["train"] = build_dataclass(TrainConfig, data["train"], "train")
     return Config(**kwargs)
+
+
+LAYER_LAYOUTS = ("auto", "tokens", "nhwc", "nchw")
+
+
+def _layer_layout(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``layer_layout`` and ``prefix_tokens`` checked (the layout itself is found by engine.setup)."""
+    out: dict[str, Any] = {}
+    if "layer_layout" in data:
+        v = "auto" if data["layer_layout"] is None else data["layer_layout"]
+        if not isinstance(v, str) or v.strip().lower() not in LAYER_LAYOUTS:
+            raise ConfigError(f"layer_layout: unknown layout {v!r}", suggest(str(v), list(LAYER_LAYOUTS)))
+        out["layer_layout"] = v.strip().lower()
+    if "prefix_tokens" in data:
+        v = data["prefix_tokens"]
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ConfigError(
+                f"prefix_tokens: expected a count of tokens before the patch grid (0 or more), got {v!r}",
+                "1 for a class token, 2 with a distillation token, 1 + registers for register tokens",
+            )
+        out["prefix_tokens"] = v
+    return out
 
 
 def _validate_metrics(value: Any) -> dict[str, Any]:
@@ -694,7 +722,13 @@ def _config_file(path: str | Path) -> Path:
 
 def load_config(path: str | Path | None) -> Config:
     """Load and validate a YAML config (a file, or the name of a shipped config); ``None`` gives
-    the embedded default."""
+    the embedded default. Also ``xaicli.load_config``.
+
+    >>> import xaicli
+    >>> cfg = xaicli.load_config("resnet50")  # a shipped config's name, or a YAML file
+    >>> cfg.model.name, cfg.target_layer, cfg.method
+    ('resnet50', 'layer4', ('gradcam',))
+    """
     if path is None:
         return Config()
     p = _config_file(path)

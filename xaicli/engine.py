@@ -20,7 +20,7 @@ from .capture import LogitsOnly, as_logits, forward, record
 from .config import Config, TargetConfig
 from .errors import ConfigError, MethodError, suggest
 from .heads import AcolHead, ComplementaryBranch, acol_model, fuse_maps
-from .layers import LayerRef, auto_layer, resolve_layer
+from .layers import LayerRef, auto_layer, detect_layout, resolve_layer
 from .methods import MethodSpec
 from .methods.batch import Batch, MethodOutput, PixelSpace, Runner
 from .metrics import MetricSpec
@@ -77,6 +77,22 @@ class BatchResult:
     batches: list[Batch] = field(default_factory=list)  # per target rank, what the methods saw (for metrics)
 
 
+def targets_of(target: TargetConfig, logits: Tensor) -> Tensor:
+    """The classes (B, K) a run-wide target rule explains for a batch's logits (B, N): the
+    prediction, a fixed class (already an index, see :func:`resolve_target`) or the top k."""
+    b = logits.shape[0]
+    if target.per_image:
+        raise ConfigError(f"target: {target.describe()} gives a class per image file; pass the classes as targets=")
+    if target.mode == "topk":
+        return logits.topk(min(target.k, logits.shape[1]), dim=1).indices
+    if target.mode == "index":
+        assert target.index is not None
+        return torch.full((b, 1), target.index, dtype=torch.long, device=logits.device)
+    if target.mode == "name":
+        raise ConfigError(f"target: class name {target.name!r} not resolved to an index (engine.resolve_target)")
+    return logits.argmax(1, keepdim=True)
+
+
 class Explainer:
     """Tensors in, raw maps out: the shared pass and every method for one batch, on the device."""
 
@@ -109,16 +125,7 @@ class Explainer:
         self.branch_b = dataclasses.replace(runner, model=ComplementaryBranch(self.acol)) if self.acol else None
 
     def targets_for(self, logits: Tensor) -> Tensor:
-        t = self.target
-        b = logits.shape[0]
-        if t.per_image:
-            raise ConfigError(f"target: {t.describe()} gives a class per image file; pass the classes as targets=")
-        if t.mode == "topk":
-            return logits.topk(min(t.k, logits.shape[1]), dim=1).indices
-        if t.mode == "index":
-            assert t.index is not None
-            return torch.full((b, 1), t.index, dtype=torch.long, device=logits.device)
-        return logits.argmax(1, keepdim=True)
+        return targets_of(self.target, logits)
 
     def __call__(self, x: Tensor, seeds: Tensor | None = None,
                  targets: Tensor | Callable[[Tensor], Tensor] | None = None) -> BatchResult:
@@ -202,6 +209,7 @@ class Setup:
     runner: Runner
     ground_truth: GroundTruth | None = None  # for the localization metrics
     image_targets: ImageTargets | None = None  # target: a file or folder of per-image classes
+    layer_auto: bool = False  # the layer was chosen automatically (target_layer omitted or auto)
 
     @property
     def warnings(self) -> list[str]:
@@ -288,7 +296,9 @@ def setup(cfg: Config | Plan, device: torch.device | None = None) -> Setup:
     if out.dim() != 2:
         raise MethodError(f"the model's output has shape {tuple(out.shape)}; xaicli explains classifiers (B, classes)")
     n_classes = int(out.shape[1])
-    layer_shape = tuple(rec.tensor().shape[1:]) if layer is not None else None
+    layer_shape = None
+    if layer is not None:
+        layer, layer_shape = _with_layout(layer, tuple(rec.tensor().shape), (h, w), cfg)
     if loaded.labels is not None and len(loaded.labels) != n_classes:
         raise ConfigError(
             f"model.labels: {len(loaded.labels)} class names but the model outputs {n_classes} classes",
@@ -304,9 +314,19 @@ def setup(cfg: Config | Plan, device: torch.device | None = None) -> Setup:
         precision=cfg.runtime.precision,
     )
     st = Setup(cfg, device, loaded, model, layer, layer_shape, n_classes, target, methods, metrics, runner,
-               ground_truth, image_targets)
+               ground_truth, image_targets, layer_auto=layer is not None and not cfg.target_layer)
     _dry_run(st)
     return st
+
+
+def _with_layout(layer: LayerRef, shape: tuple[int, ...], size: tuple[int, int],
+                 cfg: Config) -> tuple[LayerRef, tuple[int, ...]]:
+    """The layer with its layout found once from the dummy forward's ``shape`` (or as the config
+    says), and the (C, h, w) shape the methods will see."""
+    layout = detect_layout(shape, size, cfg.layer_layout, cfg.prefix_tokens)
+    if layout is None:
+        return layer, shape[1:]
+    return dataclasses.replace(layer, layout=layout), layout.spatial_shape(shape[1:])
 
 
 def _dry_run(st: Setup) -> None:

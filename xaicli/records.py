@@ -217,7 +217,9 @@ class RunManifest(TypedDict, total=False):
     warnings: list[str]  # what the run printed at its start: random weights, assumed labels or preprocessing
     n_classes: int
     layer: str | None
-    layer_shape: list[int] | None
+    layer_shape: list[int] | None  # (C, h, w) as the methods see it
+    layer_auto: bool  # the layer was chosen automatically
+    layer_layout: dict[str, Any] | None  # {layout, prefix_tokens, grid, source, shape}: how the layer's output was read
     preprocess: dict[str, Any]
     target: str
     methods: list[dict[str, Any]]  # {name, params, passes}

@@ -16,8 +16,10 @@ from __future__ import annotations
 import os
 import platform
 import re
+import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -31,7 +33,7 @@ from torch import Tensor
 
 from . import records
 from .annotate import Caption, Legend, annotate, lut_array
-from .config import Config, TargetConfig
+from .config import Config, TargetConfig, apply_overrides, load_config
 from .data import (
     DecodeLimits,
     ImageEntry,
@@ -229,6 +231,30 @@ def run_explain(
             return _run(req, plan, layout, listed, progress or _NoProgress(), clock)
 
 
+def run_folder(config: str | Path | Config | None, images: str | Path, out: str | Path, *,
+               resume: bool = False, overwrite: bool = False, progress: ProgressHook | None = None,
+               **overrides: Any) -> RunResult:
+    """``xai explain IMAGES -c CONFIG -o OUT`` from Python, also as ``xaicli.run(config, images, out)``:
+    every image under ``images`` explained into ``out`` (overlays, scores.jsonl, run.json).
+    ``config``: a YAML file, a shipped config's name, a :class:`xaicli.config.Config`
+    (``xaicli.load_config``) or None for the embedded default; ``overrides`` as the command-line
+    flags (``method="gradcam,eigencam"``, ``layer=``, ``target="top3"``, ``device=``,
+    ``batch_size=``, ``save_maps=True``, ...). Returns the :class:`RunResult`: ``exit_code`` (0
+    every image ok, 1 some failed), the counts and ``run`` (run.json). Usage errors raise
+    :class:`xaicli.errors.XaiError` subclasses (``exit_code`` 2 or 3), as the CLI exits with.
+    ``progress``: a :class:`ProgressHook` (e.g. ``xaicli.progress.LogProgress``); none by default.
+
+    >>> import tempfile, xaicli
+    >>> out = tempfile.mkdtemp()
+    >>> result = xaicli.run(None, "sample_images/chelsea.png", out, method="gradcam", target="top2")
+    >>> result.exit_code, result.ok, result.run["target"]
+    (0, 1, 'top2')
+    """
+    cfg = config if isinstance(config, Config) else load_config(config)
+    cfg = apply_overrides(cfg, **overrides)
+    return run_explain(cfg, Path(images), Path(out), progress=progress, resume=resume, overwrite=overwrite)
+
+
 def _holder_text(req: RunRequest) -> str:
     """How a lock holder is named to a refused process."""
     return "xai explain" + (f" --shard {req.shard[0]}/{req.shard[1]}" if req.shard else "")
@@ -395,6 +421,8 @@ def _describe(req: RunRequest, st: Setup, layout: Layout, clock: _Clock, styles:
         "n_classes": st.n_classes,
         "layer": st.layer.spec if st.layer else None,
         "layer_shape": list(st.layer_shape) if st.layer_shape else None,
+        "layer_auto": st.layer_auto,
+        "layer_layout": st.layer.layout.describe() if st.layer and st.layer.layout else None,
         "preprocess": {"resize": pre.resize, "crop": pre.crop, "mean": pre.mean, "std": pre.std,
                        "interpolation": pre.interpolation, "input_size": list(pre.input_size)},
         "target": st.target.describe(),
@@ -722,3 +750,15 @@ def _map_array(raw: Tensor, size: tuple[int, int], window: tuple[float, float, f
     arr = placed.cpu().numpy()
     peak = float(np.abs(arr).max()) if arr.size else 0.0
     return arr.astype(np.float16) if 1e-3 <= peak <= 6e4 or peak == 0 else arr.astype(np.float32)
+
+
+class _CallableModule(types.ModuleType):
+    """This module as ``xaicli.run``: calling it is :func:`run_folder` (the package attribute
+    ``run`` is this module once it is imported, so the function cannot take the name)."""
+
+    def __call__(self, config: str | Path | Config | None, images: str | Path, out: str | Path,
+                 **options: Any) -> RunResult:
+        return run_folder(config, images, out, **options)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -157,7 +157,7 @@ def _layer_in(model: nn.Module, clone: nn.Module, layer: LayerRef | None) -> Lay
     name = next((n for n, m in model.named_modules() if m is layer.module), None)
     if name is None:
         raise MethodError(f"target layer {layer.spec!r} is not a module of the model")
-    return LayerRef(layer.name, dict(clone.named_modules())[name], layer.use_input)
+    return LayerRef(layer.name, dict(clone.named_modules())[name], layer.use_input, layer.layout)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Any, Literal
 from ..registry import Registry
 from ..render import ChannelReduce, Render
 
-Family = Literal["cam", "gradient", "perturbation"]
+Family = Literal["cam", "gradient", "perturbation", "attention"]
 Space = Literal["layer", "pixel"]
 GradOf = Literal["none", "layer", "input"]
 

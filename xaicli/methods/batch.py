@@ -85,6 +85,12 @@ class Runner:
         if self.on_pass is not None:
             self.on_pass(n)
 
+    def count_pass(self, n: int) -> None:
+        """Count ``n`` inputs that a method sent through the model on its own (the attention
+        methods' tapped forward, passes.grad_pass), so the progress display sees them as it sees
+        the Runner's."""
+        self._passed(n)
+
     def prepare(self, x: Tensor) -> Tensor:
         return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
 
