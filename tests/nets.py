@@ -41,6 +41,24 @@ class HiddenHeadNet(GapNet):
         return self.fc(torch.relu(self.hidden(self.pool(self.features(x)).flatten(1))))
 
 
+class NinNet(nn.Module):
+    """Network-in-Network head: conv-relu ("features") -> 1x1 conv to one channel per class
+    ("classifier") -> global average pool, no linear layer."""
+
+    def __init__(self, num_classes: int = 5, width: int = 12, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.features = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.classifier = nn.Conv2d(width, num_classes, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.classifier(self.features(x))).flatten(1)
+
+
 def gap_net(num_classes: int = 5, width: int = 16, seed: int = 0) -> nn.Module:
     return GapNet(num_classes, width, seed)
 
