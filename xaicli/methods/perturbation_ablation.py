@@ -48,7 +48,6 @@ def _cost(p: FeatureAblationParams, channels: int | None) -> tuple[int | str, in
     signed=True,
     params=FeatureAblationParams,
     cost=_cost,
-    aliases=("ablation",),
 )
 def feature_ablation(batch: Batch, p: FeatureAblationParams) -> Tensor:
     """map[b, i, j] = y_t(x_b) - y_t(x_b with segment s(i, j) replaced by the fill), (B, H, W),
