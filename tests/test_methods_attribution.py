@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from tests.nets import GapNet
 from tests.test_methods_gradient import MEAN, STD, LinearConvNet, PlainNet, batch_of, close, inputs
 from xaicli.api import explain_tensor
 from xaicli.methods.batch import PixelSpace
@@ -192,3 +193,65 @@ def test_deeplift_leaves_the_model_as_found_also_on_error() -> None:
     assert not any("forward" in mod.__dict__ for mod in bad.modules())
     assert {n: (type(mod), dict(mod.__dict__.get("_forward_hooks", {}))) for n, mod in model.named_modules()} == before
     torch.testing.assert_close(model(x), PlainNet().eval()(x))  # weights untouched
+
+
+# --- costs and the CLI end to end ---------------------------------------------------------------
+
+
+def test_model_inputs_match_the_cost() -> None:
+    """Inputs through the model per image (the shared pass included) equal the registry's cost."""
+    from xaicli.config import build_dataclass
+    from xaicli.methods import get_method
+
+    model, x = GapNet().eval(), inputs(1)
+    for method, params in (("input_x_gradient", {}), ("gradientshap", {"samples": 7}),
+                           ("gradientshap", {"samples": 5, "baseline": "uniform"}), ("deeplift", {}),
+                           ("feature_ablation", {"segments": 16}), ("lrp", {"canonizer": "none"})):
+        if method == "lrp":
+            pytest.importorskip("zennit")
+        seen = {"n": 0}
+        h = model.register_forward_hook(lambda m, a, o, c=seen: c.__setitem__("n", c["n"] + o.shape[0]))
+        try:
+            explain_tensor(model, x, method, params=params, seeds=torch.arange(1), batch_size=4)
+        finally:
+            h.remove()
+        spec = get_method(method)
+        fwd, _ = spec.cost(build_dataclass(spec.params, params, "t"), None)
+        assert seen["n"] == fwd, (method, params, seen["n"], fwd)
+
+
+CLI_CASES = {
+    "input_x_gradient": "",
+    "gradientshap": "methods: {gradientshap: {samples: 4, baseline: black_white}}\n",
+    "deeplift": "",
+    "feature_ablation": "methods: {feature_ablation: {segments: 9, fill: mean}}\n",
+    "lrp": "methods: {lrp: {composite: epsilon_gamma_box}}\n",
+    "gradcam": "methods: {gradcam: {counterfactual: true}}\n",
+    "eigencam": "methods: {eigencam: {component: 2}}\n",
+}
+
+
+@pytest.mark.parametrize("method", list(CLI_CASES))
+def test_cli_end_to_end(method: str, tmp_path, image_dir, tiny_config) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from xaicli.cli import app
+
+    if method == "lrp":
+        pytest.importorskip("zennit")
+    cfg = tiny_config(method, CLI_CASES[method])
+    res = CliRunner().invoke(app, ["explain", str(image_dir), "--config", str(cfg), "--out", str(tmp_path / "o"), "-q"])
+    assert res.exit_code == 0, res.output
+    records = [json.loads(line) for line in (tmp_path / "o" / "scores.jsonl").read_text().splitlines()]
+    assert len(records) == 5 and all(r["status"] == "ok" for r in records)
+    extra = {"gradientshap": "completeness_gap", "deeplift": "completeness_gap", "lrp": "conservation_gap",
+             "gradcam": "counterfactual_share"}.get(method)
+    for r in records:
+        (e,) = r["explanations"]
+        assert (tmp_path / "o" / e["files"]["overlay"]).is_file()
+        if extra:
+            assert isinstance(e[extra], float)
+        if method == "deeplift":
+            assert abs(e["completeness_gap"]) < 1e-3
