@@ -147,12 +147,11 @@ def _baseline_of(batch, kind: str) -> Tensor:
 def test_deeplift_sums_to_the_score_difference(net: str) -> None:
     """Summation-to-delta: every non-linearity is a rewritten module (ReLU, non-overlapping and
     overlapping max pooling, a ReLU module called several times, batch norm and residual sums)."""
-    import torchvision
-
+    from tests.nets import small_resnet
     from tests.test_methods_gradient import SharedReluNet
 
     models = {"plain": PlainNet, "bias_free_maxpool": BiasFreeNet, "shared_relu": SharedReluNet,
-              "resnet18": lambda: torchvision.models.resnet18(num_classes=5)}
+              "resnet18": small_resnet}
     torch.manual_seed(0)
     model, x = models[net]().eval(), inputs(3, size=32)
     batch, m, extras = batch_of(model, x, "deeplift", budget=4)

@@ -8,9 +8,9 @@ from types import ModuleType
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
+from tests.nets import small_resnet
 from tests.test_methods_attribution import BiasFreeNet
 from tests.test_methods_gradient import PlainNet, batch_of, close, inputs
 from xaicli.api import explain_tensor
@@ -94,7 +94,7 @@ def test_matches_zennits_own_attributor(net: str, composite: str, zennit: Module
 
     torch.manual_seed(0)
     model = {"plain": PlainNet, "convbn": ConvBnNet,
-             "resnet18": lambda: torchvision.models.resnet18(num_classes=5)}[net]().eval()
+             "resnet18": small_resnet}[net]().eval()
     x = inputs(3)
     batch, m, _ = batch_of(model, x, "lrp", {"composite": composite})
     canonizers = [ResNetCanonizer()] if net == "resnet18" else [SequentialMergeBatchNorm()]
@@ -112,7 +112,7 @@ def test_matches_zennits_own_attributor(net: str, composite: str, zennit: Module
 @pytest.mark.parametrize("net", ["convbn", "resnet18"])
 def test_the_model_is_left_exactly_as_found_also_on_error(net: str) -> None:
     torch.manual_seed(0)
-    model = ConvBnNet().eval() if net == "convbn" else torchvision.models.resnet18(num_classes=5).eval()
+    model = ConvBnNet().eval() if net == "convbn" else small_resnet().eval()
     x = inputs(2)
     before = snapshot(model)
     ref_out = model(x)
