@@ -73,3 +73,30 @@ def small_resnet(num_classes: int = 5) -> nn.Module:
     from torchvision.models.resnet import BasicBlock, ResNet
 
     return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
+
+
+class SlowNet(GapNet):
+    """GapNet whose forward sleeps ``delay`` s and, while the file ``hold`` exists, waits (after
+    creating ``hold.reached``): a run that another process meets at a moment the test chooses."""
+
+    def __init__(self, num_classes: int = 5, delay: float = 0.0, hold: str | None = None) -> None:
+        super().__init__(num_classes)
+        self.delay = delay
+        self.hold = hold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+        from pathlib import Path
+
+        if x.abs().sum() > 0:  # not the blank passes of setup
+            if self.hold is not None and Path(self.hold).exists():
+                Path(self.hold + ".reached").touch()
+                deadline = time.monotonic() + 120
+                while Path(self.hold).exists() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            time.sleep(self.delay)
+        return super().forward(x)
+
+
+def slow_net(num_classes: int = 5, delay: float = 0.0, hold: str | None = None) -> nn.Module:
+    return SlowNet(num_classes, delay, hold)

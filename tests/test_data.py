@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import BROKEN, SAMPLES
-from xaicli.data import DecodeError, decode_image, list_images
+from xaicli.data import DecodeError, DecodeLimits, decode_image, list_images
 from xaicli.errors import InputError
 
 
@@ -108,12 +108,13 @@ def test_broken_files_raise_decode_error(name, kind):
     assert e.value.message
 
 
-def test_decompression_bomb_is_refused(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+def test_decompression_bomb_is_refused(tmp_path: Path):
+    """input.max_pixels is the guard (Pillow's own global is not what decides)."""
     p = _save(tmp_path, "big.png", Image.new("RGB", (40, 40)))
     with pytest.raises(DecodeError) as e:
-        decode_image(p)
-    assert e.value.kind == "too_large"
+        decode_image(p, DecodeLimits(max_pixels=100))
+    assert e.value.kind == "too_large" and "input.max_pixels" in e.value.message
+    assert decode_image(p, DecodeLimits(max_pixels=1600)).shape == (3, 40, 40)
 
 
 def test_sample_images_decode():

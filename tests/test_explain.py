@@ -55,7 +55,8 @@ def test_explain_writes_overlays_scores_and_run_json(tmp_path, image_dir, tiny_c
         assert e["layer"] == "features" and e["map"]["shape"] == [16, 16]
         assert 0 <= e["map"]["peak"][0] < rec["width"] and 0 <= e["map"]["peak"][1] < rec["height"]
     ov = Image.open(out / rec["explanations"][0]["files"]["overlay"])
-    assert ov.size == (rec["width"], rec["height"]) and ov.mode == "RGB"
+    # The image's own size, with a caption strip below (on a canvas at least 200 px wide).
+    assert ov.size[0] == max(rec["width"], 200) and ov.size[1] > rec["height"] and ov.mode == "RGB"
     assert len(rec["topk"]) == 5 and rec["topk"][0]["prob"] >= rec["topk"][1]["prob"]
     assert rec["explanations"][0]["target"]["index"] == rec["topk"][0]["index"]
     assert rec["explanations"][0]["target"]["rank"] == 1
@@ -169,14 +170,43 @@ def test_out_inside_input_is_not_walked(tmp_path, image_dir, tiny_config):
     assert len(scores(out)) == 5
 
 
-def test_topk_jpg_and_signed_free_naming(tmp_path, image_dir, tiny_config):
+def test_topk_files_named_by_rank_and_class(tmp_path, image_dir, tiny_config):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("Ant\nhoney bee\nCat/Kitten\ndog\neel\n")
+    cfg = tiny_config()
+    cfg.write_text(cfg.read_text().replace("kwargs: {num_classes: 5}", f"kwargs: {{num_classes: 5}}\n  labels: {labels}"))
     out = tmp_path / "out"
-    r = xai("explain", image_dir, "-c", tiny_config(), "-o", out, "--target", "top2", "--format", "jpg")
+    r = xai("explain", image_dir, "-c", cfg, "-o", out, "--target", "top2", "--format", "jpg", "--save-maps")
     assert r.exit_code == 0, r.output
-    rec = scores(out)[0]
-    assert [e["target"]["rank"] for e in rec["explanations"]] == [1, 2]
-    assert rec["explanations"][1]["files"]["overlay"] == "overlays/img00.gradcam.top2.jpg"
-    assert Image.open(out / "overlays/img00.gradcam.top2.jpg").format == "JPEG"
+    safe = {"Ant": "ant", "honey bee": "honey_bee", "Cat/Kitten": "cat_kitten", "dog": "dog", "eel": "eel"}
+    for rec in scores(out):
+        assert [e["target"]["rank"] for e in rec["explanations"]] == [1, 2]
+        stem = Path(rec["path"]).with_suffix("").as_posix()
+        for e in rec["explanations"]:
+            name = f"{stem}.gradcam.top{e['target']['rank']}-{safe[e['target']['label']]}"
+            assert e["files"] == {"overlay": f"overlays/{name}.jpg", "map": f"maps/{name}.npy"}
+            assert Image.open(out / e["files"]["overlay"]).format == "JPEG"
+
+
+def test_overlays_describe_themselves_unless_told_not_to(tmp_path, image_dir, tiny_config):
+    """Annotated overlays add a caption strip below the image and leave its pixels as the bare
+    overlay has them; run.json records how each method was drawn."""
+    config = tiny_config("gradcam,saliency")
+    bare, annotated = tmp_path / "bare", tmp_path / "annotated"
+    assert xai("explain", image_dir, "-c", config, "-o", bare, "--no-annotate").exit_code == 0
+    assert xai("explain", image_dir, "-c", config, "-o", annotated).exit_code == 0
+    for rec in scores(bare):
+        for e in rec["explanations"]:
+            plain = np.asarray(Image.open(bare / e["files"]["overlay"]))
+            full = np.asarray(Image.open(annotated / e["files"]["overlay"]))
+            assert plain.shape == (rec["height"], rec["width"], 3)
+            assert full.shape[0] > rec["height"] and full.shape[1] >= max(rec["width"], 200)
+            assert np.array_equal(full[: rec["height"], : rec["width"]], plain)
+    run = json.loads((annotated / "run.json").read_text())
+    assert run["config"]["output"]["annotate"] is True
+    styles = {m["name"]: m["style"] for m in run["methods"]}
+    assert styles == {"gradcam": {"clip": 100.0, "blend": "alpha"}, "saliency": {"clip": 99.0, "blend": "heat"}}
+    assert json.loads((bare / "run.json").read_text())["config"]["output"]["annotate"] is False
 
 
 def test_same_stem_different_extension_do_not_collide(tmp_path, tiny_config):

@@ -9,12 +9,12 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 FLOORS = [
-    {"errors", "outputs", "render", "ops", "config", "records", "__init__", "__version__"},
+    {"errors", "lock", "outputs", "render", "annotate", "ops", "config", "records", "__init__", "__version__"},
     {"preprocess", "models", "data", "layers", "capture", "targets", "progress"},
     {"registry", "methods", "metrics"},
     {"plan"},
     {"engine"},
-    {"shards", "run"},
+    {"shards", "run", "report"},
     {"sanity", "check", "listing", "api", "cli"},
 ]
 

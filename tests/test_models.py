@@ -143,8 +143,11 @@ def test_labels(tmp_path: Path):
     labels = load_labels("imagenet")
     assert labels is not None and len(labels) == 1000 and labels[967] == "espresso"
     p = tmp_path / "l.txt"
-    p.write_text("cat\n\ndog\n")
+    p.write_text("cat\ndog\n\n")  # blank lines at the very end shift nothing
     assert load_labels(str(p)) == ["cat", "dog"]
+    p.write_text("cat\n\ndog\n  \nbird\n")  # a blank line inside would shift every label after it
+    with pytest.raises(ConfigError, match=r"blank line\(s\) 2, 4"):
+        load_labels(str(p))
     with pytest.raises(ConfigError, match="not found"):
         load_labels(str(tmp_path / "none.txt"))
 

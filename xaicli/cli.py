@@ -1,5 +1,5 @@
 """The `xai` command: one short function per command. Library code raises XaiError; only this
-module prints it (rich, one line plus a hint) and exits with its code; --debug re-raises."""
+module prints it (rich, one line plus a hint) and exits with its code; --debug adds the traceback."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from . import __version__
-from .errors import EXIT_RUNTIME, XaiError
+from .errors import EXIT_RUNTIME, XaiError, printable
 
 app = typer.Typer(
     name="xai",
@@ -46,29 +46,91 @@ def _root(
     _state["debug"] = debug
 
 
+def say(*parts: str | tuple[str, str], console_: Console | None = None) -> None:
+    """Print one message on stderr: plain strings are user text (shown as is: no rich markup, no
+    terminal control characters, see errors.printable), ``(text, style)`` pairs are ours."""
+    from rich.text import Text
+
+    text = Text.assemble(*[(p[0], p[1]) if isinstance(p, tuple) else printable(p) for p in parts])
+    (console_ or err_console).print(text, highlight=False, soft_wrap=True)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the run is, so it stops as on Ctrl-C (finished images kept)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 @contextmanager
-def user_errors() -> Iterator[None]:
-    """XaiError -> one red line, a hint and its exit code; anything else -> exit 3 with a short line."""
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP stop a command like Ctrl-C does (exit 128 + the signal's number)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        raise Interrupted(signum)
+
+    names = [n for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    previous = {n: signal.signal(getattr(signal, n), handler) for n in names}
     try:
         yield
-    except XaiError as e:
-        if _state["debug"]:
-            raise
-        err_console.print(f"[bold red]error:[/] {e.message}", highlight=False, soft_wrap=True)
-        if e.hint:
-            err_console.print(f"  [yellow]hint:[/] {e.hint}", highlight=False, soft_wrap=True)
-        raise typer.Exit(e.exit_code) from None
-    except KeyboardInterrupt:
-        err_console.print("[bold red]interrupted[/]: finished images are kept; rerun with --resume to continue")
-        raise typer.Exit(130) from None
+    finally:
+        for n, h in previous.items():
+            signal.signal(getattr(signal, n), h)
+
+
+def exit_code_of(e: BaseException) -> int:
+    """The exit code of an error, the same with and without --debug: an XaiError's own code,
+    128 + the signal for an interruption (130 for Ctrl-C), 3 for anything unexpected."""
+    if isinstance(e, XaiError):
+        return e.exit_code
+    if isinstance(e, KeyboardInterrupt):
+        return 128 + getattr(e, "signum", 2)
+    return EXIT_RUNTIME
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """XaiError -> one red line, a hint and its exit code; anything else -> exit 3 with a short
+    line; an interruption (Ctrl-C, SIGTERM, SIGHUP) -> the resume hint and 128 + the signal.
+    --debug adds the traceback and keeps the exit code."""
+    try:
+        with _signals_interrupt():
+            yield
     except (typer.Exit, typer.Abort):
         raise
+    except XaiError as e:
+        _traceback_if_debug()
+        say(("error: ", "bold red"), e.message)
+        if e.hint:
+            say(("  hint: ", "yellow"), e.hint)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt as e:
+        _traceback_if_debug()
+        import signal
+
+        name = signal.Signals(getattr(e, "signum", signal.SIGINT)).name
+        say(("interrupted", "bold red"), f" ({name}): finished images are kept; rerun with --resume to continue")
+        raise typer.Exit(exit_code_of(e)) from None
     except Exception as e:
-        if _state["debug"]:
-            raise
-        err_console.print(f"[bold red]internal error:[/] {type(e).__name__}: {e}", highlight=False, soft_wrap=True)
-        err_console.print("  [yellow]hint:[/] rerun with `xai --debug ...` for the traceback")
+        _traceback_if_debug()
+        say(("internal error: ", "bold red"), f"{type(e).__name__}: {e}")
+        if not _state["debug"]:
+            say(("  hint: ", "yellow"), "rerun with `xai --debug ...` for the traceback")
         raise typer.Exit(EXIT_RUNTIME) from None
+
+
+def _traceback_if_debug() -> None:
+    if _state["debug"]:
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
 
 
 def _progress(quiet: bool = False) -> Any:
@@ -96,7 +158,8 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
 ConfigOpt = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="YAML config file, or a shipped config by name (resnet50, vgg16, densenet121, "
-                 "mobilenet_v3_large, convnext_tiny); the embedded default (EfficientNet-Lite0, ImageNet) if omitted."),
+                 "mobilenet_v3_large, convnext_tiny); the embedded default (EfficientNet-Lite0, ImageNet) if omitted. "
+                 "A config is code (model.factory imports and calls it): use only configs you trust like code."),
 ]
 
 
@@ -117,7 +180,7 @@ def explain(
     ] = None,
     device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or mps.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Images per batch.")] = None,
-    workers: Annotated[int | None, typer.Option("--workers", help="Loader worker processes.")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Loader worker processes (at most the CPUs available).")] = None,
     precision: Annotated[str | None, typer.Option("--precision", help="fp32, bf16 or fp16 (autocast).")] = None,
     save_maps: Annotated[
         bool | None, typer.Option("--save-maps/--no-save-maps", help="Also write raw maps as .npy.")
@@ -133,12 +196,29 @@ def explain(
     resume: Annotated[bool, typer.Option("--resume", help="Skip images already complete in --out.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier run in --out.")] = False,
     shard: Annotated[str | None, typer.Option("--shard", help="Process only part I of N of the sorted list: I/N.")] = None,
+    annotate: Annotated[
+        bool | None,
+        typer.Option("--annotate/--no-annotate", help="Caption under each overlay: method, class, probability, "
+                     "rank, colour bar (default on; --no-annotate: bare overlays)."),
+    ] = None,
+    grid: Annotated[
+        bool | None, typer.Option("--grid", help="Also write grid.png: a contact sheet of the run.", show_default=False)
+    ] = None,
+    report: Annotated[
+        bool | None,
+        typer.Option("--report", help="Also write report.html: summary, plots and every image (offline HTML).",
+                     show_default=False),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
 ) -> None:
     """Explain every image in a folder: overlays, optional raw maps, scores.jsonl and run.json.
 
-    Exit codes: 0 all images succeeded, 1 some failed (the rest completed), 2 usage or config error,
-    3 the run could not proceed.
+    Exit codes: 0 all images succeeded, 1 some failed (the rest completed), 2 usage or config error
+    (another run holds --out), 3 the run could not proceed (model, disk full, read-only file system);
+    128 + N when stopped by signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP: rerun with --resume).
+
+    A config is code: model.factory imports and calls Python code, so use only configs you trust
+    like code.
     """
     with user_errors():
         from .config import apply_overrides, load_config
@@ -152,7 +232,8 @@ def explain(
         cfg = apply_overrides(
             cfg, method=method, layer=layer, target=target, device=device, batch_size=batch_size,
             workers=workers, precision=precision, save_maps=save_maps, fmt=fmt, metrics=metrics,
-            ground_truth=str(ground_truth) if ground_truth is not None else None,
+            ground_truth=str(ground_truth) if ground_truth is not None else None, annotate=annotate,
+            grid=grid or None, report=report or None,
         )
         result = run_explain(
             cfg, images, out, progress=_progress(quiet), resume=resume, overwrite=overwrite,
@@ -162,7 +243,18 @@ def explain(
             _summary(result)
             if result.run.get("metrics") and result.ok:
                 _print_comparison([result.out], as_json=False)
+            _pictures_written(result.out, result.pending)
         raise typer.Exit(result.exit_code)
+
+
+def _pictures_written(out: Path, pending: list[str]) -> None:
+    """Say where the report and the contact sheet are (once the run has finished them)."""
+    if pending:
+        return
+    found = [p for p in (out / "report.html", out / "grid.png") if p.is_file()]
+    found += sorted(out.glob("grid-[0-9][0-9][0-9].png"))
+    for p in found:
+        err_console.print(f"  wrote {p}", highlight=False, soft_wrap=True)
 
 
 def _summary(result: Any) -> None:
@@ -173,36 +265,67 @@ def _summary(result: Any) -> None:
     rate = f", {rate_text(t['images_per_s'])}" if t.get("images_per_s") else ""
     merged = result.merged
     ok, failed = (merged.ok, merged.failed) if merged is not None else (result.ok, result.failed)
-    err_console.print(
-        f"[bold green]done[/]: {ok} ok, {failed} failed"
-        + (f", {result.skipped} already done" if result.skipped and merged is None else "")
-        + f" -> {result.out}/ ({run['model']}, layer {run['layer']}, {run['device']['type']}{rate})",
-        highlight=False,
-        soft_wrap=True,
-    )
+    say(("done", "bold green"),
+        f": {ok} ok, {failed} failed" + (f", {result.skipped} already done" if result.skipped and merged is None else "")
+        + f" -> {result.out}/ ({run['model']}, layer {run['layer']}, {run['device']['type']}{rate})")
     if result.pending:
-        err_console.print(
-            f"  part {run['part']['label']} done; waiting for {', '.join(result.pending)}: the last part to finish "
-            f"merges them (or run `xai merge {result.out}`)",
-            highlight=False, soft_wrap=True,
-        )
+        say(f"  part {run['part']['label']} done; waiting for {', '.join(result.pending)}: the last part to finish "
+            f"merges them (or run `xai merge {result.out}`)")
     elif merged is not None:
-        err_console.print(f"  merged parts {', '.join(merged.merged_parts)} into scores.jsonl and run.json",
-                          highlight=False, soft_wrap=True)
+        say(f"  merged parts {', '.join(merged.merged_parts)} into scores.jsonl and run.json")
+    for note in [*getattr(result, "notes", []), *(merged.notes if merged is not None else [])]:
+        say(("  note: ", "yellow"), note)
     for f in run["failures"][:10]:
-        err_console.print(f"  [red]failed[/] {f['path']}: {f['error']['message']}", highlight=False, soft_wrap=True)
+        say(("  failed ", "red"), f"{f['path']}: {(f.get('error') or {}).get('message')}")
     if len(run["failures"]) > 10:
-        err_console.print(f"  ... and {len(run['failures']) - 10} more (see run.json)")
+        say(f"  ... and {len(run['failures']) - 10} more (see run.json)")
 
 
 @app.command()
 def compare(
     runs: Annotated[list[Path], typer.Argument(help="Run folders written by `xai explain --out`.")],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    report: Annotated[
+        bool, typer.Option("--report", help="Write OUT/report.html: the runs side by side on the images they share.")
+    ] = False,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder of the --report.")] = Path("xai-compare"),
+    images: Annotated[
+        Path | None, typer.Option("--images", help="Where the originals are, if they moved since the runs.")
+    ] = None,
 ) -> None:
-    """Compare methods on the same images: metric means ± std per run and method."""
+    """Compare methods on the same images: metric means ± std per run and method (and, with
+    --report, an HTML page with the runs' overlays side by side)."""
     with user_errors():
         _print_comparison(runs, as_json)
+        if report:
+            from .report import write_compare_report
+
+            path = write_compare_report(runs, out, images=images, progress=_progress(as_json))
+            err_console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+
+
+@app.command(name="report")
+def report_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `xai explain --out`.")],
+    grid: Annotated[bool, typer.Option("--grid", help="Also write grid.png, the contact sheet.")] = False,
+    images: Annotated[
+        Path | None, typer.Option("--images", help="Where the originals are, if they moved since the run.")
+    ] = None,
+) -> None:
+    """Write RUN_DIR/report.html: the run's summary, metric plots, check and sanity results, and
+    every image with its overlays, top-k and scores (filter, sort, search). Offline, self-contained
+    (thumbnails under RUN_DIR/report/); rerun after `xai check --out RUN_DIR` to include its results.
+
+    Exit codes: 0 written, 2 not a run folder, 3 cannot write.
+    """
+    with user_errors():
+        from .report import write_grid, write_report
+
+        paths = [write_report(run_dir, images=images, progress=_progress())]
+        if grid:
+            paths += write_grid(run_dir, images=images)
+        for p in paths:
+            err_console.print(f"wrote {p}", highlight=False, soft_wrap=True)
 
 
 def _print_comparison(runs: list[Path], as_json: bool) -> None:
@@ -217,7 +340,7 @@ def _print_comparison(runs: list[Path], as_json: bool) -> None:
         return
     _print_wide(comparison_table(result))
     for note in result["notes"]:
-        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+        say(("note: ", "yellow"), note)
 
 
 @app.command()
@@ -239,9 +362,11 @@ def merge(
             raise OutputError(f"{out}: no parts to merge (no {out}/parts/scores.*-of-*.jsonl)",
                               "parts are merged automatically when the last one finishes")
         if not quiet:
-            err_console.print(f"[bold green]merged[/] {len(result.merged_parts)} parts -> {out}/scores.jsonl: "
-                              f"{result.records} images, {result.ok} ok, {result.failed} failed",
-                              highlight=False, soft_wrap=True)
+            say(("merged", "bold green"), f" {len(result.merged_parts)} parts -> {out}/scores.jsonl: "
+                f"{result.records} images, {result.ok} ok, {result.failed} failed"
+                + (f"; incomplete: {', '.join(result.incomplete)}" if result.incomplete else ""))
+            for note in result.notes:
+                say(("  note: ", "yellow"), note)
         raise typer.Exit(result.exit_code)
 
 
@@ -350,7 +475,9 @@ def layers(
                 "layers": [r.__dict__ for r in rows if all_layers or r.calls],
             }))
             return
-        table = Table(title=f"{loaded.description}, input 1x3x{size[0]}x{size[1]}")
+        from rich.markup import escape
+
+        table = Table(title=escape(printable(f"{loaded.description}, input 1x3x{size[0]}x{size[1]}")))
         for col in ("layer", "type", "output shape", "calls"):
             table.add_column(col)
         base = chosen.split(":")[0]
@@ -358,10 +485,10 @@ def layers(
             if not all_layers and not r.calls:
                 continue
             mark = " [bold green]<- target[/]" if r.name == base else ""
-            table.add_row("  " * r.depth + r.name + mark, r.type,
+            table.add_row("  " * r.depth + escape(printable(r.name)) + mark, escape(printable(r.type)),
                           "x".join(map(str, r.output_shape)) if r.output_shape else "-", str(r.calls))
         console.print(table)
-        console.print(f"target layer: [bold]{chosen}[/] (automatic choice: {auto})", highlight=False)
+        say("target layer: ", (printable(chosen), "bold"), f" (automatic choice: {auto})", console_=console)
 
 
 @app.command()
@@ -392,10 +519,12 @@ def sanity(
         import json
 
         from .config import apply_overrides, load_config
-        from .outputs import write_json
+        from .outputs import check_writable, write_json
         from .sanity import run_sanity, table, verdict_lines
 
         cfg = apply_overrides(load_config(config), method=method, device=device, batch_size=batch_size, seed=seed)
+        if out is not None:
+            check_writable(out, "--out", folder=True)  # before the test runs, not after
         res = run_sanity(cfg, images, steps=steps, max_images=max_images, max_spearman=max_spearman,
                          progress=_progress(quiet or as_json))
         if out is not None:
@@ -430,13 +559,19 @@ def check(
     with user_errors():
         from .check import junit_xml, run_check, table
         from .config import apply_overrides, load_config
-        from .outputs import atomic_write
+        from .outputs import atomic_write, check_writable
 
         cfg = apply_overrides(load_config(config), device=device, batch_size=batch_size, metrics=metrics)
+        if junit is not None:
+            check_writable(junit, "--junit", folder=False)  # before the run, not after
         res = run_check(expect, cfg=cfg, images=images, out=out, run_dir=run, overwrite=overwrite,
                         progress=_progress(quiet), sanity_progress=lambda: _progress(quiet), argv=sys.argv)
         if junit is not None:
             atomic_write(junit, junit_xml(res.outcomes, time_s=res.seconds))
+        if out is not None and (out / "report.html").is_file():
+            from .report import write_report
+
+            write_report(out)  # the report of this run now shows the check (and sanity) results
         _print_wide(table(res.outcomes, title=f"xai check: {expect.name}"))
         n_fail = sum(1 for o in res.outcomes if not o.passed)
         console.print(f"[bold {'red' if n_fail else 'green'}]{len(res.outcomes) - n_fail} of {len(res.outcomes)} "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -22,7 +23,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from .errors import ConfigError, suggest
+from .errors import ConfigError, quote, suggest
 
 Device = Literal["auto", "cpu", "cuda", "mps"]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -164,11 +165,23 @@ class TargetConfig:
         return "predicted"
 
 
+# Larger batches are never faster and need memory for that many images at once.
+MAX_BATCH_SIZE = 4096
+MAX_WORKERS = 1024  # a sanity bound; the run caps workers at the CPUs it may use
+
+
+def _between(low: int, high: int) -> Any:
+    def check(v: Any) -> str | None:
+        return f"must be >= {low}" if v < low else f"must be at most {high}" if v > high else None
+
+    return check
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     device: Device = "auto"
-    batch_size: int = field(default=16, metadata={"check": at_least(1)})
-    workers: int = field(default=2, metadata={"check": at_least(0)})
+    batch_size: int = field(default=16, metadata={"check": _between(1, MAX_BATCH_SIZE)})
+    workers: int = field(default=2, metadata={"check": _between(0, MAX_WORKERS)})
     precision: Precision = "fp32"
     seed: int = 0
     channels_last: bool = False
@@ -184,6 +197,25 @@ class OutputConfig:
     save_maps: bool = False
     topk: int = field(default=5, metadata={"check": at_least(1)})
     jpeg_quality: int = field(default=90, metadata={"check": _quality})
+    # A caption strip under each overlay: method, explained class, probability, rank, a colour bar.
+    annotate: bool = True
+    # How each method's map is drawn: {METHOD: {clip: PERCENTILE, blend: alpha|heat}}; defaults per
+    # method (render.default_style), validated by plan.resolve_plan.
+    style: dict[str, Any] = field(default_factory=dict)
+    grid: bool = False  # grid.png: a contact sheet of the run (written when the run finishes)
+    report: bool = False  # report.html: the run's summary and image grid (written when the run finishes)
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """Limits on the images read. ``max_pixels``: larger images are refused (type ``too_large``),
+    a guard against decompression bombs (default: Pillow's own hard limit). ``decode_pixels``:
+    larger images are decoded reduced to about that many pixels (JPEG in the decoder, with
+    ``draft``), so that their memory stays bounded; overlays and maps are then at that size
+    (recorded as ``decoded`` in scores.jsonl). 0: always full resolution."""
+
+    max_pixels: int = field(default=178_956_970, metadata={"check": at_least(1)})
+    decode_pixels: int = field(default=2**22, metadata={"check": at_least(0)})
 
 
 @dataclass(frozen=True)
@@ -209,6 +241,7 @@ class Config:
     target: TargetConfig = field(default_factory=TargetConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    input: InputConfig = field(default_factory=InputConfig)
     metrics: dict[str, Any] = field(default_factory=dict)  # switched-on metrics and their knobs
     ground_truth: GroundTruthConfig = field(default_factory=GroundTruthConfig)
     source_path: str | None = None  # where the YAML came from (None: embedded default)
@@ -306,6 +339,12 @@ def _coerce(tp: Any, value: Any) -> Any:
     return value if isinstance(value, tp) else _NO
 
 
+def _has_nan(v: Any) -> bool:
+    if isinstance(v, float):
+        return math.isnan(v)
+    return isinstance(v, tuple) and any(_has_nan(x) for x in v)
+
+
 def build_dataclass(cls: type, data: Any, path: str) -> Any:
     """Build a frozen dataclass from a mapping, with one precise error for the first bad key.
 
@@ -316,7 +355,7 @@ def build_dataclass(cls: type, data: Any, path: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{path}: expected a mapping, got {type(data).__name__} {data!r}")
+        raise ConfigError(f"{path}: expected a mapping, got {type(data).__name__} {quote(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs: dict[str, Any] = {}
@@ -330,12 +369,15 @@ def build_dataclass(cls: type, data: Any, path: str) -> Any:
             continue
         out = _coerce(tp, value)
         if out is _NO:
-            raise ConfigError(f"{key_path}: expected {_type_name(tp)}, got {value!r}")
+            raise ConfigError(f"{key_path}: expected {_type_name(tp)}, got {quote(value)}")
+        if _has_nan(out):
+            raise ConfigError(f"{key_path}: NaN is not a number this can be, got {quote(value)}",
+                              "give a number (a NaN bound would make every comparison fail)")
         check = fields[key].metadata.get("check")
         if check is not None and out is not None:
             problem = check(out)
             if problem:
-                raise ConfigError(f"{key_path}: {problem}, got {value!r}")
+                raise ConfigError(f"{key_path}: {problem}, got {quote(value)}")
         kwargs[key] = out
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
@@ -361,7 +403,7 @@ def parse_target(value: Any, path: str = "target") -> TargetConfig:
     if value is None or value == "predicted":
         return TargetConfig()
     if isinstance(value, bool):
-        raise ConfigError(f"{path}: expected {_TARGET_CHOICES}, got {value!r}")
+        raise ConfigError(f"{path}: expected {_TARGET_CHOICES}, got {quote(value)}")
     if isinstance(value, int):
         if value < 0:
             raise ConfigError(f"{path}: a class index must be >= 0, got {value}")
@@ -370,10 +412,10 @@ def parse_target(value: Any, path: str = "target") -> TargetConfig:
         return _parse_with_predicted(value, path)
     if isinstance(value, Mapping):
         if set(value) != {"topk"}:
-            raise ConfigError(f"{path}: a mapping target takes exactly one key 'topk', got {dict(value)!r}")
+            raise ConfigError(f"{path}: a mapping target takes exactly one key 'topk', got {quote(dict(value))}")
         k = value["topk"]
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ConfigError(f"{path}.topk: expected a positive integer, got {k!r}")
+            raise ConfigError(f"{path}.topk: expected a positive integer, got {quote(k)}")
         return TargetConfig(mode="topk", k=k)
     if isinstance(value, str):
         text = value.strip()
@@ -389,12 +431,12 @@ def parse_target(value: Any, path: str = "target") -> TargetConfig:
         if m:
             k = int(m.group(1))
             if k < 1:
-                raise ConfigError(f"{path}: top-k needs k >= 1, got {value!r}")
+                raise ConfigError(f"{path}: top-k needs k >= 1, got {quote(value)}")
             return TargetConfig(mode="topk", k=k)
         if not text:
             raise ConfigError(f"{path}: empty class name")
         return TargetConfig(mode="name", name=text)
-    raise ConfigError(f"{path}: expected {_TARGET_CHOICES}, got {value!r}")
+    raise ConfigError(f"{path}: expected {_TARGET_CHOICES}, got {quote(value)}")
 
 
 def _per_image_target(text: str) -> TargetConfig | None:
@@ -413,7 +455,7 @@ def _parse_with_predicted(value: Any, path: str) -> TargetConfig:
     per_image = _per_image_target(others[0]) if len(others) == 1 and isinstance(others[0], str) else None
     if len(items) != 2 or per_image is None:
         raise ConfigError(f"{path}: a list of targets is 'predicted' and one per-image source ('folder' or a "
-                          f"CSV/JSON file), got {value!r}", "e.g. predicted,folder")
+                          f"CSV/JSON file), got {quote(value)}", "e.g. predicted,folder")
     return dataclasses.replace(per_image, also_predicted=True)
 
 
@@ -425,7 +467,7 @@ def parse_methods(value: Any, path: str = "method") -> tuple[str, ...]:
     elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         names = [v.strip() for v in value]
     else:
-        raise ConfigError(f"{path}: expected a method name or a list of names, got {value!r}")
+        raise ConfigError(f"{path}: expected a method name or a list of names, got {quote(value)}")
     if not names:
         raise ConfigError(f"{path}: no method given", "run `xai methods` to list them")
     return tuple(dict.fromkeys(names))
@@ -466,10 +508,12 @@ def config_from_dict(data: Any, source_path: str | None = None) -> Config:
         kwargs["runtime"] = build_dataclass(RuntimeConfig, data["runtime"], "runtime")
     if "output" in data:
         kwargs["output"] = build_dataclass(OutputConfig, data["output"], "output")
+    if "input" in data:
+        kwargs["input"] = build_dataclass(InputConfig, data["input"], "input")
     if "target_layer" in data:
         v = data["target_layer"]
         if v is not None and (not isinstance(v, str) or not v.strip()):
-            raise ConfigError(f"target_layer: expected a dotted module path such as 'layer4', got {v!r}")
+            raise ConfigError(f"target_layer: expected a dotted module path such as 'layer4', got {quote(v)}")
         kwargs["target_layer"] = None if v in (None, "auto") else v.strip()
     if "method" in data:
         kwargs["method"] = parse_methods(data["method"])
@@ -478,10 +522,10 @@ def config_from_dict(data: Any, source_path: str | None = None) -> Config:
     if "methods" in data:
         knobs = data["methods"] or {}
         if not isinstance(knobs, Mapping):
-            raise ConfigError(f"methods: expected a mapping of method name to knobs, got {knobs!r}")
+            raise ConfigError(f"methods: expected a mapping of method name to knobs, got {quote(knobs)}")
         for name, params in knobs.items():
             if params is not None and not isinstance(params, Mapping):
-                raise ConfigError(f"methods.{name}: expected a mapping of knobs, got {params!r}")
+                raise ConfigError(f"methods.{name}: expected a mapping of knobs, got {quote(params)}")
         kwargs["methods"] = {str(name): dict(params or {}) for name, params in knobs.items()}
     if "metrics" in data:
         kwargs["metrics"] = _validate_metrics(data["metrics"])
@@ -500,13 +544,63 @@ def _validate_metrics(value: Any) -> dict[str, Any]:
     if isinstance(value, (list, tuple)):
         value = {str(v): {} for v in value}
     if not isinstance(value, Mapping):
-        raise ConfigError(f"metrics: expected a list of metric names or a mapping, got {value!r}")
+        raise ConfigError(f"metrics: expected a list of metric names or a mapping, got {quote(value)}")
     out = {}
     for name, params in value.items():
         if params is not None and not isinstance(params, Mapping):
-            raise ConfigError(f"metrics.{name}: expected a mapping of knobs, got {params!r}")
+            raise ConfigError(f"metrics.{name}: expected a mapping of knobs, got {quote(params)}")
         out[str(name)] = dict(params or {})
     return out
+
+
+# Limits of a YAML document (a config or an expectations file): its size on disk, its values once
+# its aliases are expanded (a "billion laughs" document of a few hundred bytes expands to 10^9),
+# and its nesting.
+MAX_YAML_BYTES = 4 * 2**20
+MAX_YAML_VALUES = 100_000
+MAX_YAML_DEPTH = 64
+
+
+def read_yaml(path: Path, what: str = "config") -> Any:
+    """A YAML file parsed with the safe loader, refused (ConfigError) when absurd: too large, too
+    deeply nested, recursive, or expanding through aliases to more than MAX_YAML_VALUES values."""
+    try:
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size} bytes; a {what} file is at most {MAX_YAML_BYTES}")
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {what} {path}: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply") from None
+    _expanded_size(data, str(path), set(), {}, 0)
+    return data
+
+
+def _expanded_size(v: Any, where: str, stack: set[int], memo: dict[int, int], depth: int) -> int:
+    """How many values ``v`` holds with its aliases expanded; ConfigError past the limits."""
+    if not isinstance(v, (list, dict)):
+        return 1
+    key = id(v)
+    if key in memo:
+        return memo[key]
+    if key in stack:
+        raise ConfigError(f"{where}: a YAML alias refers to itself (a recursive document)")
+    if depth > MAX_YAML_DEPTH:
+        raise ConfigError(f"{where}: nested more than {MAX_YAML_DEPTH} levels deep")
+    stack.add(key)
+    total = 1
+    for item in ([x for kv in v.items() for x in kv] if isinstance(v, dict) else v):
+        total += _expanded_size(item, where, stack, memo, depth + 1)
+        if total > MAX_YAML_VALUES:
+            raise ConfigError(f"{where}: the document expands to more than {MAX_YAML_VALUES} values "
+                              "(YAML aliases repeating a large value?)", "write the values out; a config is small")
+    stack.discard(key)
+    memo[key] = total
+    return total
 
 
 SHIPPED_CONFIGS = Path(__file__).parent / "configs"  # package data; the repository's configs/ holds the same files
@@ -543,14 +637,7 @@ def load_config(path: str | Path | None) -> Config:
     if path is None:
         return Config()
     p = _config_file(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config {p}: {e}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    data = read_yaml(p, "config")
     try:
         return config_from_dict(data, source_path=str(p))
     except ConfigError as e:
@@ -566,6 +653,9 @@ _FIELD_OVERRIDES = {
     "seed": ("runtime", "seed"),
     "save_maps": ("output", "save_maps"),
     "fmt": ("output", "format"),
+    "annotate": ("output", "annotate"),
+    "grid": ("output", "grid"),
+    "report": ("output", "report"),
 }
 
 

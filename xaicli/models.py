@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import os
+import sys
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +66,9 @@ def resolve_path(spec: str, what: str = "file") -> Path:
             )
         base = Path(next(iter(found.submodule_search_locations)))
         path = base / rel
+        if not path.resolve().is_relative_to(base.resolve()):
+            raise ConfigError(f"{what}: {spec!r} points outside the package {package!r}",
+                              "pkg:// names a file inside an installed package; give other files as paths")
     else:
         path = Path(os.path.expanduser(spec))
     if not path.is_file():
@@ -148,10 +154,16 @@ def load_labels(spec: str | None) -> list[str] | None:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"model.labels: cannot read {path}: {e}") from None
-    labels = [ln.strip() for ln in lines if ln.strip()]
-    if not labels:
+    while lines and not lines[-1].strip():  # blank lines at the very end shift nothing
+        lines.pop()
+    blank = [i + 1 for i, ln in enumerate(lines) if not ln.strip()]
+    if blank:
+        shown = ", ".join(map(str, blank[:10])) + (f" and {len(blank) - 10} more" if len(blank) > 10 else "")
+        raise ConfigError(f"model.labels: {path}: blank line(s) {shown}",
+                          "one class name per line, in class order: a blank line would shift every label after it")
+    if not lines:
         raise ConfigError(f"model.labels: {path} holds no class names")
-    return labels
+    return [ln.strip() for ln in lines]
 
 
 def _looks_like_path(s: str) -> bool:
@@ -260,6 +272,9 @@ def _factory(cfg: ModelConfig) -> tuple[nn.Module, str]:
     mod_name, sep, attr = cfg.factory.partition(":")
     if not sep or not mod_name or not attr:
         raise ConfigError(f"model.factory: {cfg.factory!r} must look like 'package.module:callable'")
+    if mod_name.split(".")[0] in _NOT_FACTORIES:
+        raise ConfigError(f"model.factory: {cfg.factory} is in the Python standard library, not a model factory",
+                          FACTORY_HINT)
     try:
         obj: Any = importlib.import_module(mod_name)
     except ImportError as e:
@@ -273,13 +288,49 @@ def _factory(cfg: ModelConfig) -> tuple[nn.Module, str]:
         obj = getattr(obj, part)
     if not callable(obj):
         raise ConfigError(f"model.factory: {cfg.factory} is not callable")
+    _check_factory(obj, cfg)
     try:
         model = obj(**cfg.kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ConfigError(f"model.kwargs: {cfg.factory} rejects {dict(cfg.kwargs)}: {e}") from None
+    except Exception as e:
+        raise ModelError(f"model.factory: {cfg.factory} failed: {type(e).__name__}: {e}") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"model.factory: {cfg.factory} returned {type(model).__name__}, not a torch.nn.Module")
     return model, f"factory {cfg.factory}"
+
+
+# A factory is a callable of the user's code or of a model package that returns an nn.Module.
+# The standard library has none (and ``os:system`` or ``subprocess:run`` would run commands).
+_NOT_FACTORIES = frozenset(sys.stdlib_module_names) | {"builtins", "importlib", "pip", "setuptools"}
+FACTORY_HINT = ("a factory is a callable of your code or of a model package that returns a torch.nn.Module, "
+                "e.g. torchvision.models:resnet50")
+
+
+def _check_factory(obj: Any, cfg: ModelConfig) -> None:
+    """Refuse, before calling it, a factory that cannot return a model: a class that is not an
+    nn.Module, a callable whose return annotation says something else, or one that does not take
+    the configured kwargs (listing the ones it takes)."""
+    if isinstance(obj, type) and not issubclass(obj, nn.Module):
+        raise ConfigError(f"model.factory: {cfg.factory} is a class but not a torch.nn.Module", FACTORY_HINT)
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):  # a builtin without a signature: nothing more to check
+        return
+    if not isinstance(obj, type):
+        try:
+            ret = typing.get_type_hints(obj).get("return")
+        except Exception:  # unresolvable annotations: not ours to judge
+            ret = None
+        if isinstance(ret, type) and not issubclass(ret, nn.Module):
+            raise ConfigError(f"model.factory: {cfg.factory} returns {ret.__name__}, not a torch.nn.Module",
+                              FACTORY_HINT)
+    try:
+        sig.bind(**cfg.kwargs)
+    except TypeError as e:
+        takes = [n for n, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        raise ConfigError(f"model.kwargs: {cfg.factory} rejects {dict(cfg.kwargs)}: {e}",
+                          f"it takes: {', '.join(takes) or 'no keyword arguments'}") from None
 
 
 def _timm(cfg: ModelConfig) -> tuple[nn.Module, dict[str, Any], str]:
@@ -389,3 +440,20 @@ def build_model(cfg: ModelConfig, preprocess: PreprocessConfig) -> LoadedModel:
     pre_sources = _preprocess_sources(preprocess, pre, model_pre, resolved)
     sources = {"weights": origin, "labels": labels_origin, "preprocess": pre_sources}
     return LoadedModel(model, labels, resolved, desc, sources, _assumption_notes(labels, resolved, pre_sources))
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A digest of the model's parameters and buffers (names, dtypes, shapes, values): two runs
+    with the same digest explain the same weights (run.json's ``weights_digest``)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(model.state_dict().items()):
+        if not isinstance(t, torch.Tensor):
+            continue
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        data = t.detach().to("cpu").contiguous()
+        if data.dtype == torch.bfloat16 or data.is_quantized:
+            data = data.float() if not data.is_quantized else data.dequantize()
+        h.update(data.numpy().tobytes())
+    return h.hexdigest()

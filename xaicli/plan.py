@@ -20,6 +20,7 @@ from .config import IMAGE_FILE, Config, build_dataclass
 from .errors import ConfigError
 from .methods import MethodSpec, get_method
 from .metrics import MetricSpec, get_metric
+from .render import Style, default_style
 
 if TYPE_CHECKING:
     from .preprocess import Preprocess
@@ -32,6 +33,7 @@ class Plan:
     cfg: Config
     methods: tuple[tuple[MethodSpec, Any], ...]
     metrics: tuple[tuple[MetricSpec, Any], ...]
+    styles: Mapping[str, Style] = dataclasses.field(default_factory=dict)  # method name -> how it is drawn
 
     def params(self, name: str) -> Any:
         """The knob object of a method of the plan, by name or alias."""
@@ -66,6 +68,26 @@ def method_pairs(items: Sequence[Any]) -> list[tuple[MethodSpec, Any]]:
     return out
 
 
+def method_style(spec: MethodSpec, knobs: Mapping[str, Any] | None = None) -> Style:
+    """How a method's maps are drawn: its default (render.default_style) with the config's
+    ``output.style.METHOD`` knobs on top."""
+    base = dataclasses.asdict(default_style(spec.family, spec.space, spec.signed))
+    return build_dataclass(Style, {**base, **(knobs or {})}, f"output.style.{spec.name}")
+
+
+def _styles(cfg: Config) -> tuple[dict[str, Any], dict[str, Style]]:
+    """``output.style`` with canonical method names, and the style of every method of the run."""
+    knobs: dict[str, Any] = {}
+    for name, section in cfg.output.style.items():
+        spec = get_method(str(name), path="output.style")
+        if section is not None and not isinstance(section, Mapping):
+            raise ConfigError(f"output.style.{name}: expected a mapping such as {{clip: 99, blend: heat}}, "
+                              f"got {section!r}")
+        method_style(spec, section)  # validated even when the method does not run
+        knobs[spec.name] = dict(section or {})
+    return knobs, {n: method_style(get_method(n), knobs.get(n)) for n in cfg.method}
+
+
 def resolve_plan(cfg: Config) -> Plan:
     """Names checked against the registries (close matches on error), aliases made canonical,
     every knob section validated. Cheap: nothing is loaded."""
@@ -84,9 +106,12 @@ def resolve_plan(cfg: Config) -> Plan:
         mspec = get_metric(str(name), path="metrics")
         metric_knobs[mspec.name] = dict(section or {})
     canonical = dataclasses.replace(cfg, method=tuple(names), methods=knobs, metrics=metric_knobs)
+    style_knobs, styles = _styles(canonical)
+    if style_knobs != cfg.output.style:
+        canonical = dataclasses.replace(canonical, output=dataclasses.replace(cfg.output, style=style_knobs))
     methods = tuple((get_method(n), method_params(get_method(n), knobs.get(n))) for n in names)
     metrics = tuple((get_metric(n), metric_params(get_metric(n), k)) for n, k in metric_knobs.items())
-    return Plan(canonical, methods, metrics)
+    return Plan(canonical, methods, metrics, styles)
 
 
 def prepare(plan: Plan, preprocess: Preprocess) -> Plan:

@@ -78,13 +78,15 @@ class Explanation(TypedDict, total=False):
 
 
 class ImageRecord(TypedDict):
-    path: str  # relative to the input root, POSIX
+    path: str  # relative to the input root, POSIX (a non-UTF-8 name's bytes as \udcXX escapes)
     status: str  # "ok"
     error: None
     width: int
     height: int
     topk: list[Prediction]
     explanations: list[Explanation]
+    # and, only for an image decoded reduced (input.decode_pixels): "decoded": {width, height},
+    # the size of its overlays and maps
 
 
 class ErrorRecord(TypedDict):
@@ -102,10 +104,14 @@ def error_record(path: str, kind: str, message: str) -> ErrorRecord:
 
 
 def image_record(path: str, size: tuple[int, int], topk: list[Prediction],
-                 explanations: list[Explanation]) -> ImageRecord:
-    """The record of an image that succeeded; ``size`` is (height, width) of the original."""
-    return {"path": path, "status": "ok", "error": None, "width": size[1], "height": size[0], "topk": topk,
-            "explanations": explanations}
+                 explanations: list[Explanation], decoded: tuple[int, int] | None = None) -> ImageRecord:
+    """The record of an image that succeeded; ``size`` is (height, width) of the original;
+    ``decoded`` the (height, width) it was explained at when it was decoded reduced (input.decode_pixels)."""
+    rec: ImageRecord = {"path": path, "status": "ok", "error": None, "width": size[1], "height": size[0],
+                        "topk": topk, "explanations": explanations}
+    if decoded is not None:
+        rec["decoded"] = {"width": decoded[1], "height": decoded[0]}  # type: ignore[typeddict-unknown-key]
+    return rec
 
 
 def explanation_entry(method: str, layer: str | None, target: Target, stats: MapStats, files: Files,
@@ -138,9 +144,28 @@ def ok_records(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return [r for r in records if r.get("status") == "ok"]
 
 
+def file_safe(label: str, index: int, limit: int = 40) -> str:
+    """A class name as a file name part: lower-case ASCII letters, digits and ``_`` (accents
+    dropped, any other run of characters one ``_``), at most ``limit`` characters; ``class_INDEX``
+    when nothing is left (e.g. a name in another script)."""
+    import re
+    import unicodedata
+
+    ascii_name = unicodedata.normalize("NFKD", label).encode("ascii", "ignore").decode()
+    safe = re.sub(r"[^a-z0-9]+", "_", ascii_name.lower()).strip("_")[:limit].rstrip("_")
+    return safe or f"class_{index}"
+
+
+# Bytes of an output file name left for the stem: file systems take 255, and the suffix
+# (".integrated_gradients.top10-<class name, at most 40>.png") needs the rest.
+MAX_STEM_BYTES = 160
+
+
 def output_names(rels: Sequence[str]) -> dict[str, str]:
     """rel path -> output stem path (without method suffix). ``a.jpg`` and ``a.png`` in one folder
-    would collide on the stem, so those keep their extension."""
+    would collide on the stem, so those keep their extension. A name too long for the file
+    system once suffixed is cut and given a hash of its whole path (scores.jsonl records where
+    each image's files went)."""
     stems: dict[str, int] = {}
     for rel in rels:
         key = str(Path(rel).with_suffix(""))
@@ -148,8 +173,28 @@ def output_names(rels: Sequence[str]) -> dict[str, str]:
     out = {}
     for rel in rels:
         key = str(Path(rel).with_suffix(""))
-        out[rel] = rel if stems[key] > 1 else key
+        out[rel] = _short_enough(rel, rel if stems[key] > 1 else key)
     return out
+
+
+def _short_enough(rel: str, stem: str) -> str:
+    """``stem`` whose last component fits MAX_STEM_BYTES: else its beginning, ``~`` and 12 hex
+    digits of a hash of ``rel`` (the same name in every run and process)."""
+    import hashlib
+
+    folder, _, name = stem.rpartition("/")
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= MAX_STEM_BYTES:
+        return stem
+    digest = hashlib.blake2b(rel.encode("utf-8", "surrogateescape"), digest_size=6).hexdigest()
+    head, size = [], 0
+    for ch in name:  # whole characters only
+        size += len(ch.encode("utf-8", "surrogateescape"))
+        if size > MAX_STEM_BYTES - 13:
+            break
+        head.append(ch)
+    short = f"{''.join(head)}~{digest}"
+    return f"{folder}/{short}" if folder else short
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,6 +212,7 @@ class RunManifest(TypedDict, total=False):
     output: str
     config: dict[str, Any]  # the resolved config
     model: str
+    weights_digest: str  # models.weights_digest of the model explained (absent in older runs)
     sources: dict[str, Any]  # where the weights, class names and each preprocessing value came from
     warnings: list[str]  # what the run printed at its start: random weights, assumed labels or preprocessing
     n_classes: int
@@ -190,6 +236,7 @@ class RunManifest(TypedDict, total=False):
     aggregates: dict[str, Any]
     parts: list[dict[str, Any]]
     devices: list[dict[str, Any]]
+    incomplete_parts: list[str]  # a merged run: the parts that had not finished ([] when complete)
 
 
 def versions() -> dict[str, str]:
@@ -218,6 +265,73 @@ def versions() -> dict[str, str]:
     if torch.cuda.is_available():
         v["cuda"] = str(torch.version.cuda)
     return v
+
+
+# What decides a run's outputs, compared by --resume and between the parts of a sharded run:
+# run.json keys, and the config's output and seed. Batch size, workers and device may change.
+PLAN_KEYS = ("model", "weights_digest", "n_classes", "layer", "preprocess", "target", "methods", "metrics",
+             "precision")
+PLAN_OUTPUT_KEYS = ("format", "colormap", "diverging_colormap", "alpha", "overlays", "save_maps", "topk",
+                    "jpeg_quality")
+
+
+def plan_of(run: Mapping[str, Any]) -> dict[str, Any]:
+    """The plan of a run as its run.json (or a part's, or the plan file written at its start)
+    records it: model, weights, layer, preprocessing, target, methods and metrics with their
+    knobs, precision, seed and output settings. Keys an older run.json lacks are None."""
+    cfg = run.get("config") if isinstance(run.get("config"), Mapping) else {}
+    out_cfg = cfg.get("output") if isinstance(cfg.get("output"), Mapping) else {}
+    runtime = cfg.get("runtime") if isinstance(cfg.get("runtime"), Mapping) else {}
+    plan = {k: run.get(k) for k in PLAN_KEYS}
+    for key in ("methods", "metrics"):
+        items = run.get(key)
+        if isinstance(items, list):
+            plan[key] = [{"name": m.get("name"), "params": m.get("params")} for m in items if isinstance(m, Mapping)]
+    plan["seed"] = runtime.get("seed")
+    plan["output"] = {k: out_cfg.get(k) for k in PLAN_OUTPUT_KEYS} if out_cfg else None
+    return json.loads(json.dumps(plan, default=str))  # tuples as lists, as read back from a file
+
+
+def plan_differences(earlier: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """One line per difference between two plans (keys the earlier run did not record are skipped)."""
+    lines = []
+    for key, value in now.items():
+        before = earlier.get(key)
+        if before is None or before == value:
+            continue
+        if key in ("methods", "metrics") and isinstance(before, list) and isinstance(value, list):
+            lines += _named_differences(key, before, value)
+        elif isinstance(value, Mapping) and isinstance(before, Mapping):
+            lines += _differences(key, before, value)
+        else:
+            lines.append(_difference(key, before, value))
+    return lines
+
+
+def _difference(key: str, before: Any, now: Any) -> str:
+    from .errors import quote
+
+    return f"{key}: {quote(before)} before, {quote(now)} now"
+
+
+def _differences(prefix: str, before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    return [_difference(f"{prefix}.{k}", before.get(k), now.get(k))
+            for k in dict.fromkeys([*before, *now]) if before.get(k) != now.get(k)]
+
+
+def _named_differences(key: str, before: list[Any], now: list[Any]) -> list[str]:
+    """Methods or metrics: their names, then the knobs of each."""
+    names_before = [m.get("name") for m in before if isinstance(m, Mapping)]
+    names_now = [m.get("name") for m in now if isinstance(m, Mapping)]
+    if names_before != names_now:
+        return [f"{key}: {', '.join(map(str, names_before)) or 'none'} before, "
+                f"{', '.join(map(str, names_now)) or 'none'} now"]
+    lines = []
+    for b, n in zip(before, now, strict=True):
+        pb, pn = b.get("params") or {}, n.get("params") or {}
+        if pb != pn:
+            lines += _differences(f"{key}.{n.get('name')}", pb, pn)
+    return lines
 
 
 def outcome(records: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], int, int]:

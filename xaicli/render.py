@@ -4,12 +4,16 @@ image's own frame, colormap lookup and blending. Only the finished uint8 overlay
 Colour convention (documented in README): unsigned maps go from 0 (low end of the colormap, blue
 for jet) to 1 (high end, red); signed maps are rendered with a diverging colormap centred on 0
 (blue negative, white zero, red positive) or as magnitude, as the method's ``render`` knob says.
+
+How a method's map is drawn is its :class:`Style`: the percentile of |map| drawn at the colour
+bar's end (larger values saturate, as Captum's ``outlier_perc``) and the blend (a constant alpha,
+or an alpha that grows with |map| so that the photo shows where the map is near zero).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Literal
 
@@ -22,6 +26,46 @@ from torch import Tensor
 Render = Literal["diverging", "magnitude", "positive"]
 # How a pixel map (B, C, H, W) becomes one value per pixel.
 ChannelReduce = Literal["max_abs", "sum", "mean", "l2"]
+# How a colour is laid over the photo: a constant alpha, or an alpha that grows with |map| (Style).
+Blend = Literal["alpha", "heat"]
+
+
+def _percentile(v: float) -> str | None:
+    return None if 50 <= v <= 100 else "must be a percentile between 50 and 100"
+
+
+@dataclass(frozen=True)
+class Style:
+    """How a method's maps are drawn (``output.style.METHOD`` in the config).
+
+    ``clip``: the percentile of |map| (per image) drawn with the colour bar's end colour; values
+    above it saturate. 100 draws the maximum there (no clipping). ``blend``: ``alpha`` blends the
+    colour onto the photo with the output's constant ``alpha``; ``heat`` with an alpha that grows
+    with |map| (0 where the map is 0, so the photo stays as it is there, :func:`heat_peak` where it
+    saturates)."""
+
+    clip: float = field(default=100.0, metadata={"check": _percentile})
+    blend: Blend = "alpha"
+
+
+def default_style(family: str, space: str, signed: bool) -> Style:
+    """The style a method gets unless the config says otherwise (README, "How maps are drawn").
+
+    * Pixel-space gradient attributions (saliency, guided backprop, DeconvNet, guided Grad-CAM,
+      SmoothGrad, Integrated Gradients) are heavy-tailed: a few pixels hold most of the mass and,
+      scaled by the maximum, the rest is a faint speckle. They are clipped at the 99th percentile
+      of |map| (Captum's ``visualize_image_attr`` clips at 98 by default) and blended by
+      ``heat``, so the photo stays legible where the attribution is near zero.
+    * Other signed pixel maps (occlusion, superpixel surrogates) are smooth or piecewise constant:
+      no clipping, ``heat`` blend (zero shows the photo, not a white wash of the diverging map).
+    * Layer maps (the CAM family, Score-CAM): no clipping, the constant ``alpha`` blend (the usual
+      look of a CAM overlay).
+    """
+    if space == "pixel" and family == "gradient":
+        return Style(clip=99.0, blend="heat")
+    if space == "pixel" and signed:
+        return Style(clip=100.0, blend="heat")
+    return Style()
 
 _CV2_MAPS = {
     "jet": "COLORMAP_JET",
@@ -100,6 +144,18 @@ def normalize(m: Tensor, signed: Render | None = None) -> Tensor:
     return torch.where(peak > 0, m / peak.clamp_min(1e-30), torch.zeros_like(m))
 
 
+def clip_scale(m: Tensor, percentile: float) -> Tensor | None:
+    """Per image of normalised maps (B, h, w): the ``percentile`` of |m| (by rank, the same
+    value for any batch), the divisor that puts it at the colour bar's end; None at 100. A map
+    whose percentile is 0 (mostly zeros) keeps its maximum there (divisor 1)."""
+    if percentile >= 100:
+        return None
+    flat = m.abs().flatten(1)
+    k = max(1, min(flat.shape[1], int(np.ceil(percentile / 100 * flat.shape[1]))))
+    q = flat.kthvalue(k, dim=1).values
+    return torch.where(q > 0, q, torch.ones_like(q))
+
+
 def to_input_size(m: Tensor, size: tuple[int, int]) -> Tensor:
     """(B, h, w) -> (B, H, W) at the model input's size (bilinear), identity if already there."""
     if tuple(m.shape[-2:]) == tuple(size):
@@ -128,18 +184,20 @@ def place(m: Tensor, height: int, width: int, window: tuple[float, float, float,
 
 
 def overlay(image: Tensor, heat: Tensor, lut: Tensor, alpha: float, signed: bool = False,
-            mask: Tensor | None = None) -> Tensor:
+            mask: Tensor | None = None, blend: Blend = "alpha") -> Tensor:
     """Blend a colormapped map onto an image. image uint8 (3, H, W); heat (H, W) in [0, 1]
-    (or [-1, 1] when ``signed``); returns uint8 (H, W, 3). Outside ``mask`` the image is kept.
+    (or [-1, 1] when ``signed``; values beyond saturate); returns uint8 (H, W, 3). Outside
+    ``mask`` the image is kept.
 
-    Each output byte is round(pixel * (1 - alpha) + colour * alpha) in the heat's float type, a
-    function of two bytes (pixel value, colour index): it is looked up in a 256 x 256 table per
-    channel, computed once with those same operations, so the result is exactly the float blend's
+    Each output byte is round(pixel * (1 - a) + colour * a) in the heat's float type, with
+    a = alpha (``blend`` alpha) or heat_peak(alpha) x |v| for the colour index's value v (``heat``): a
+    function of two bytes (pixel value, colour index), looked up in a 256 x 256 table per
+    channel computed once with those same operations, so the result is exactly the float blend's
     at a fraction of its cost (a few integer passes instead of a dozen float ones at full size).
     """
     v = (heat + 1) * 0.5 if signed else heat
     idx = (v.clamp(0, 1) * 255).round().long()
-    table = _blend_table(lut, alpha, heat.dtype)  # (3, 256 * 256) uint8
+    table = _blend_table(lut, alpha, heat.dtype, blend_weights(blend, signed))  # (3, 256 * 256) uint8
     key = image.reshape(3, -1).long().mul_(256).add_(idx.reshape(1, -1))
     out = torch.gather(table, 1, key).view(image.shape)
     if mask is not None:
@@ -147,17 +205,48 @@ def overlay(image: Tensor, heat: Tensor, lut: Tensor, alpha: float, signed: bool
     return out.permute(1, 2, 0).contiguous()
 
 
-_BLEND: dict[tuple[int, float, torch.dtype], tuple[Tensor, Tensor]] = {}
+def blend_weights(blend: Blend, signed: bool) -> str | None:
+    """Which per-colour-index weight a blend uses: None (constant), ``ramp`` (k / 255: unsigned
+    heat) or ``vee`` (diverging heat: |2k / 255 - 1|, shifted so that both middle indices, where 0
+    falls, weigh 0)."""
+    if blend == "alpha":
+        return None
+    return "vee" if signed else "ramp"
 
 
-def _blend_table(lut: Tensor, alpha: float, dtype: torch.dtype) -> Tensor:
+def heat_peak(alpha: float) -> float:
+    """The alpha of a ``heat`` blend at the colour bar's end: twice the output's ``alpha`` (at
+    most 1), so that its average over a map is about ``alpha`` while the strongest values show
+    in full colour (at the default 0.5: 0 where the map is 0, 1 where it saturates)."""
+    return min(1.0, 2.0 * alpha)
+
+
+def index_weights(kind: str | None) -> np.ndarray:
+    """(256,) float64 weight of each colour index for :func:`blend_weights`' kinds (1 for None)."""
+    k = np.arange(256, dtype=np.float64)
+    if kind == "ramp":
+        return k / 255
+    if kind == "vee":  # 0 at both middle indices (127, 128: where 0 falls), 1 at both ends
+        return np.clip((np.abs(2 * k / 255 - 1) - 1 / 255) / (1 - 1 / 255), 0, 1)
+    return np.ones(256)
+
+
+_BLEND: dict[tuple[int, float, torch.dtype, str | None], tuple[Tensor, Tensor]] = {}
+
+
+def _blend_table(lut: Tensor, alpha: float, dtype: torch.dtype, weights: str | None = None) -> Tensor:
     """table[c, pixel * 256 + k] = round(pixel * (1 - a) + lut[k, c] * a) as uint8, a = alpha in
-    ``dtype``: the blend of every (pixel value, colour index) pair, on the LUT's device."""
-    key = (id(lut), float(alpha), dtype)
+    ``dtype`` (times the colour index's weight, see :func:`blend_weights`): the blend of every
+    (pixel value, colour index) pair, on the LUT's device."""
+    key = (id(lut), float(alpha), dtype, weights)
     hit = _BLEND.get(key)
     if hit is not None and hit[0] is lut:
         return hit[1]
-    a = torch.full((1, 1, 1), alpha, dtype=dtype, device=lut.device)
+    if weights is None:
+        a = torch.full((1, 1, 1), alpha, dtype=dtype, device=lut.device)
+    else:
+        w = heat_peak(alpha) * index_weights(weights)
+        a = torch.from_numpy(w).to(dtype=dtype, device=lut.device)[None, :, None]
     pixel = torch.arange(256, dtype=dtype, device=lut.device)[:, None, None]  # (256, 1, 1)
     colour = lut.to(dtype)[None]  # (1, 256, 3)
     t = (pixel * (1 - a) + colour * a).round_().clamp_(0, 255).to(torch.uint8)  # (pixel, k, c)
@@ -181,23 +270,27 @@ class Palette:
 
 
 def compose(images: Sequence[Tensor], maps: Tensor, windows: Sequence[tuple[float, float, float, float]],
-            palette: Palette, *, signed: bool, boxes: Tensor | None = None,
-            overlays: bool = True) -> tuple[list[np.ndarray | None], list[int]]:
+            palette: Palette, *, signed: bool, boxes: Tensor | None = None, overlays: bool = True,
+            style: Style | None = None) -> tuple[list[np.ndarray | None], list[int]]:
     """Each normalised map of ``maps`` (B, h, w) placed in its image's frame (``windows``, see
-    :func:`place`): the overlay as uint8 (H, W, 3) on the host, with ``boxes`` (B, T, 4) outlined
-    when given (None when ``overlays`` is off), and the flat index of the map's peak (of |map|
-    when ``signed``) in the image. On CUDA the copies to the host are queued, not waited for: the
+    :func:`place`): the overlay as uint8 (H, W, 3) on the host, drawn as ``style`` says (clipped
+    at a percentile of |map|, blended), with ``boxes`` (B, T, 4) outlined when given (None when
+    ``overlays`` is off), and the flat index of the map's peak (of |map| when ``signed``; before
+    any clipping) in the image. On CUDA the copies to the host are queued, not waited for: the
     caller synchronises once before it reads the arrays."""
     out: list[np.ndarray | None] = []
     peaks = []
     lut = palette.diverging if signed else palette.unsigned
+    style = style or Style()
+    scale = clip_scale(maps, style.clip) if overlays else None
     for i, img in enumerate(images):
         placed, mask = place(maps[i], int(img.shape[1]), int(img.shape[2]), windows[i])
         peaks.append(placed.abs().flatten().argmax() if signed else placed.flatten().argmax())
         if not overlays:
             out.append(None)
             continue
-        ov = overlay(img, placed, lut, palette.alpha, signed=signed, mask=mask)
+        heat = placed if scale is None else placed / scale[i]
+        ov = overlay(img, heat, lut, palette.alpha, signed=signed, mask=mask, blend=style.blend)
         if boxes is not None:
             ov = draw_boxes(ov, boxes[i].reshape(-1, 4))
         out.append(ov.to("cpu", non_blocking=img.device.type == "cuda").numpy())

@@ -18,7 +18,7 @@ import platform
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
@@ -30,17 +30,40 @@ import torch
 from torch import Tensor
 
 from . import records
+from .annotate import Caption, Legend, annotate, lut_array
 from .config import Config, TargetConfig
-from .data import ImageEntry, ImageFolder, ListedImages, LoadedBatch, collate, list_images, worker_init
+from .data import (
+    DecodeLimits,
+    ImageEntry,
+    ImageFolder,
+    ListedImages,
+    LoadedBatch,
+    collate,
+    list_images,
+    worker_init,
+)
 from .engine import BatchResult, MethodResult, Setup, select_device, setup
-from .errors import EXIT_OK, EXIT_PARTIAL, ConfigError, InputError, MethodError
+from .errors import EXIT_OK, EXIT_PARTIAL, ConfigError, InputError, XaiError
 from .methods.batch import Batch, is_oom, split_on_oom, stable_seed
 from .metrics.context import MetricContext
 from .metrics.ground_truth import build_context
-from .outputs import ScoresFile, Writer, encode_image, encode_npy, map_file, overlay_file, prepare_out_dir
+from .models import weights_digest
+from .outputs import (
+    ScoresFile,
+    Writer,
+    check_out_dir,
+    encode_image,
+    encode_npy,
+    make_out_dir,
+    map_file,
+    output_error,
+    overlay_file,
+    prepare_out_dir,
+)
 from .plan import Plan, resolve_plan
-from .render import Palette, compose, normalize, place, to_input_size
-from .shards import Layout, MergeResult, merge_parts
+from .render import Palette, Style, compose, normalize, place, to_input_size
+from .report import finish_pictures
+from .shards import Layout, MergeResult, merge_folder
 
 # --------------------------------------------------------------------------------------------
 # What a run is asked to do, and what it reports
@@ -120,6 +143,7 @@ class RunResult:
     run: dict[str, Any]
     merged: MergeResult | None = None  # set when this process merged the parts
     pending: list[str] = field(default_factory=list)  # parts of this layout still running
+    notes: list[str] = field(default_factory=list)  # for the summary: skipped output folders, capped workers
 
 
 @dataclass
@@ -160,6 +184,8 @@ class RunContext:
     palette: Palette
     explainer: Any  # engine.Explainer
     targets: dict[str, int] | None = None  # per-image targets (file or folder): image rel path -> class
+    styles: Mapping[str, Style] = field(default_factory=dict)  # method name -> how its maps are drawn
+    legends: Mapping[str, Legend] = field(default_factory=dict)  # method name -> its caption's colour bar
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,17 +217,26 @@ def run_explain(
             "--overwrite with --shard: each shard would delete the results of the others",
             "delete the --out folder before launching the shards, or use --resume",
         )
+    check_out_dir(out, input_path)  # before the model loads: a file, the input's parent, not writable
     listed = _listed(input_path, out)
     with layout.joined():
-        prepare_out_dir(out, input_path, resume=resume, overwrite=overwrite, own=layout.own_files(),
-                        clear=layout.is_main)
-        layout.barrier()  # rank 0 has cleared an --overwrite before anyone writes
-        return _run(req, plan, layout, listed, progress or _NoProgress(), clock)
+        created = make_out_dir(out)
+        # The folder is this process's (and its fellow parts') from here to the end (lock.py);
+        # a run that stops before its first image leaves nothing behind.
+        with layout.locked(_holder_text(req)), layout.tidy_if_unstarted(created):
+            prepare_out_dir(out, resume=resume, overwrite=overwrite, own=layout.own_files(), clear=layout.is_main)
+            layout.barrier()  # rank 0 has cleared an --overwrite before anyone writes
+            return _run(req, plan, layout, listed, progress or _NoProgress(), clock)
+
+
+def _holder_text(req: RunRequest) -> str:
+    """How a lock holder is named to a refused process."""
+    return "xai explain" + (f" --shard {req.shard[0]}/{req.shard[1]}" if req.shard else "")
 
 
 def merge_run(out: Path, *, partial: bool = False) -> MergeResult | None:
     """`xai merge`: merge the parts of a sharded run, then finish the whole run."""
-    merged = merge_parts(out, partial=partial)
+    merged = merge_folder(out, partial=partial)
     if merged is not None:
         finish_run(out, merged.run)
     return merged
@@ -209,8 +244,9 @@ def merge_run(out: Path, *, partial: bool = False) -> MergeResult | None:
 
 # Steps that run once per run when the whole run's scores.jsonl and run.json are on disk: at the
 # end of an unsharded run, and in the one process that merged a sharded or torchrun run (or
-# `xai merge`). Each step takes (run folder, run.json).
-FINISH_STEPS: tuple[Callable[[Path, dict[str, Any]], None], ...] = ()
+# `xai merge`). Each step takes (run folder, run.json). The contact sheet and the report
+# (output.grid, output.report) are written here.
+FINISH_STEPS: tuple[Callable[[Path, dict[str, Any]], None], ...] = (finish_pictures,)
 
 
 def finish_run(out: Path, run: dict[str, Any]) -> None:
@@ -222,9 +258,11 @@ def finish_run(out: Path, run: dict[str, Any]) -> None:
 def _listed(input_path: Path, out: Path) -> ListedImages:
     listed = list_images(input_path, exclude=out)
     if not listed.entries:
+        skipped = [f"{listed.ignored} other files ignored"] if listed.ignored else []
+        if listed.skipped_outputs:
+            skipped.append(f"{listed.skipped_outputs} images under xaicli output folders skipped")
         raise InputError(
-            f"no images in {input_path}"
-            + (f" ({listed.ignored} other files ignored)" if listed.ignored else ""),
+            f"no images in {input_path}" + (f" ({'; '.join(skipped)})" if skipped else ""),
             "supported: " + ", ".join(sorted(e.lstrip(".") for e in ("jpg", "png", "bmp", "gif", "tif", "webp"))),
         )
     return listed
@@ -238,6 +276,8 @@ def _run(req: RunRequest, plan: Plan, layout: Layout, listed: ListedImages, prog
     if layout.is_main:  # once per run, not once per torchrun rank
         for message in st.warnings:
             progress.warn(message)
+    described = _describe(req, st, layout, clock, plan.styles)
+    layout.adopt_plan(described, resume=req.resume)  # a changed config never mixes with the earlier run
     entries = layout.select(listed.entries)
     done = layout.done() if req.resume else {}
     todo = [e for e in entries if e.rel not in done]
@@ -245,11 +285,12 @@ def _run(req: RunRequest, plan: Plan, layout: Layout, listed: ListedImages, prog
     tally = _Tally()
     scores = ScoresFile(layout.scores_path)
     threads = max(2, min(8, (os.cpu_count() or 2)))
-    writer = Writer(scores, threads=threads, max_pending=4 * cfg.runtime.batch_size, on_done=tally.add)
+    writer = Writer(scores, threads=threads, max_pending=4 * cfg.runtime.batch_size, on_done=tally.add, out=req.out)
     o = cfg.output
     ctx = RunContext(st, req.out, records.output_names([e.rel for e in listed.entries]), writer,
                      Palette.of(o.colormap, o.diverging_colormap, o.alpha, st.device),
-                     st.explainer(keep_batches=bool(st.metrics), on_method=_hook(progress, "method")), targets)
+                     st.explainer(keep_batches=bool(st.metrics), on_method=_hook(progress, "method")), targets,
+                     plan.styles, _legends(st, plan.styles))
     st.runner.on_pass = _hook(progress, "passes")
     if st.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(st.device)
@@ -260,38 +301,95 @@ def _run(req: RunRequest, plan: Plan, layout: Layout, listed: ListedImages, prog
         writer.close()
         scores.close()
         progress.finish()
+    writer.check()  # a line that could not be written stops the run here (exit 3), never silently
     clock.run_s = time.perf_counter() - clock.t_run
-    sealed = layout.seal()
-    counts = {"listed": len(listed.entries), "shard": len(entries), "processed": len(todo),
-              "ok": tally.ok + len(entries) - len(todo), "failed": tally.failed,
-              "skipped_done": len(entries) - len(todo), "ignored_files": listed.ignored}
-    run = _manifest(req, st, layout, counts, tally, clock)
+    try:
+        return _finish(req, st, layout, (listed, entries, todo), tally, clock, described)
+    except OSError as e:
+        raise output_error(e, req.out, "cannot write the run's results") from None
+
+
+def _finish(req: RunRequest, st: Setup, layout: Layout, images: tuple[ListedImages, list[ImageEntry], list[ImageEntry]],
+            tally: _Tally, clock: _Clock, described: dict[str, Any]) -> RunResult:
+    """Seal this process's scores, write its run.json (merging the parts when it is the last)."""
     from .metrics.summary import aggregate
 
+    listed, entries, todo = images
+    notes = _listing_notes(listed) + _worker_notes(st.cfg.runtime.workers)
+    sealed = layout.seal()
+    skipped = len(entries) - len(todo)
+    if layout.part is None:  # the counts are those of the scores.jsonl just written, exactly
+        failures, ok, _ = records.outcome(sealed)
+    else:
+        failures, ok = sorted(tally.failures, key=lambda f: f["path"]), tally.ok + skipped
+    counts = {"listed": len(listed.entries), "shard": len(entries), "processed": len(todo), "ok": ok,
+              "failed": len(failures), "skipped_done": skipped, "ignored_files": listed.ignored,
+              "skipped_output_files": listed.skipped_outputs}
+    run = _manifest(described, st, counts, failures, clock)
     run["aggregates"] = aggregate(sealed, run["metrics"])
     fin = layout.finish(run)
     if fin.complete:
         finish_run(req.out, fin.run)
-    return RunResult(req.out, len(entries), counts["ok"], tally.failed, counts["skipped_done"], listed.ignored,
-                     fin.exit_code, fin.run, fin.merged, fin.pending)
+    return RunResult(req.out, len(entries), ok, len(failures), skipped, listed.ignored, fin.exit_code, fin.run,
+                     fin.merged, fin.pending, notes)
 
 
-def _manifest(req: RunRequest, st: Setup, layout: Layout, counts: dict[str, int], tally: _Tally,
-              clock: _Clock) -> dict[str, Any]:
-    """This process's run.json (records.RunManifest); ``aggregates`` is added by the caller."""
+def _listing_notes(listed: ListedImages) -> list[str]:
+    if not listed.output_folders:
+        return []
+    names = ", ".join(listed.output_folders[:5]) + (", ..." if len(listed.output_folders) > 5 else "")
+    return [f"skipped {listed.skipped_outputs} images under xaicli output folders ({names}): earlier results "
+            "are never read back as input"]
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def loader_workers(requested: int, batches: int) -> int:
+    """Loader worker processes: as many as asked, but no more than the CPUs this process may use
+    (each is a process with its own memory: 1000 would exhaust the machine) or the batches."""
+    return max(0, min(requested, usable_cpus(), batches if batches > 1 else 0))
+
+
+def _worker_notes(requested: int) -> list[str]:
+    cpus = usable_cpus()
+    if requested <= cpus:
+        return []
+    return [f"--workers {requested} capped to {cpus}, the CPUs this process may use"]
+
+
+def _legends(st: Setup, styles: Mapping[str, Style]) -> dict[str, Legend]:
+    """The colour bar of each method's captions (what its colours mean, as it is drawn)."""
+    o = st.cfg.output
+    out = {}
+    for spec, params in st.methods:
+        mode, _ = spec.display(params)
+        style = styles.get(spec.name, Style())
+        lut = lut_array(o.diverging_colormap if mode == "diverging" else o.colormap)
+        out[spec.name] = Legend.of(lut, mode, style.blend, o.alpha, style.clip)
+    return out
+
+
+def _describe(req: RunRequest, st: Setup, layout: Layout, clock: _Clock, styles: Mapping[str, Style]) -> dict[str, Any]:
+    """What run.json says of a run that is known at its start, in run.json's order (``finished``
+    and ``counts`` are filled in at the end). Written as the folder's plan file when it starts."""
     pre, device = st.loaded.preprocess, st.device
     channels = st.layer_shape[0] if st.layer_shape else None
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    processed = counts["processed"]
     return {
         "schema_version": records.SCHEMA_VERSION,
         "command": req.argv,
         "started": clock.started,
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished": None,
         "input": str(req.input_path),
         "output": str(req.out),
         "config": req.cfg.to_dict(),
         "model": st.loaded.description,
+        "weights_digest": weights_digest(st.model),
         "sources": st.loaded.sources,
         "warnings": st.warnings,
         "n_classes": st.n_classes,
@@ -300,23 +398,37 @@ def _manifest(req: RunRequest, st: Setup, layout: Layout, counts: dict[str, int]
         "preprocess": {"resize": pre.resize, "crop": pre.crop, "mean": pre.mean, "std": pre.std,
                        "interpolation": pre.interpolation, "input_size": list(pre.input_size)},
         "target": st.target.describe(),
-        "methods": [{"name": s.name, "params": _params_dict(p), "passes": s.cost_text(p, channels)}
-                    for s, p in st.methods],
+        "methods": [{"name": s.name, "params": _params_dict(p), "passes": s.cost_text(p, channels),
+                     "style": _params_dict(styles.get(s.name, Style()))} for s, p in st.methods],
         "metrics": [{"name": s.name, "params": _params_dict(p)} for s, p in st.metrics],
         "device": {"type": device.type,
                    "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()},
         "precision": req.cfg.runtime.precision,
         "versions": records.versions(),
-        "counts": counts,
+        "counts": None,
         "shard": list(req.shard) if req.shard else None,
         "part": layout.describe(),
         "host": _host(),
+    }
+
+
+def _manifest(described: dict[str, Any], st: Setup, counts: dict[str, int], failures: list[dict[str, Any]],
+              clock: _Clock) -> dict[str, Any]:
+    """This process's run.json (records.RunManifest); ``aggregates`` is added by the caller."""
+    device = st.device
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    processed = counts["processed"]
+    run = dict(described)
+    run.update({
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "counts": counts,
         "timings": {"load_s": round(clock.load_s, 3), "run_s": round(clock.run_s, 3),
                     "images_per_s": round(processed / clock.run_s, 3) if clock.run_s > 0 else None},
         "peak_gpu_memory_mb": round(peak, 1) if peak is not None else None,
-        "failures": sorted(tally.failures, key=lambda f: f["path"]),
-        "exit_code": EXIT_OK if tally.failed == 0 else EXIT_PARTIAL,
-    }
+        "failures": failures,
+        "exit_code": EXIT_OK if not failures else EXIT_PARTIAL,
+    })
+    return run
 
 
 def _host() -> str:
@@ -339,9 +451,9 @@ def _params_dict(p: Any) -> dict[str, Any]:
 
 def _loader(todo: list[ImageEntry], st: Setup) -> torch.utils.data.DataLoader[LoadedBatch]:
     rt = st.cfg.runtime
-    workers = rt.workers if len(todo) > 1 else 0
+    workers = loader_workers(rt.workers, -(-len(todo) // rt.batch_size))
     return torch.utils.data.DataLoader(
-        ImageFolder(todo, st.loaded.preprocess),
+        ImageFolder(todo, st.loaded.preprocess, DecodeLimits(st.cfg.input.max_pixels, st.cfg.input.decode_pixels)),
         batch_size=rt.batch_size,
         shuffle=False,
         num_workers=workers,
@@ -404,7 +516,7 @@ def _explain_slice(ctx: RunContext, batch: LoadedBatch, sl: slice) -> None:
     try:
         _explain_batch(ctx, sub)
     except Exception as e:
-        if (is_oom(e) and sub.size > 1) or isinstance(e, (ConfigError, MethodError)):
+        if (is_oom(e) and sub.size > 1) or isinstance(e, XaiError):  # a method, the disk: the run's problem
             raise
         msg = f"{type(e).__name__}: {e}"
         for rel in sub.rels:
@@ -494,7 +606,8 @@ class _BatchOutputs:
         self.ctx, self.batch, self.res = ctx, batch, res
         self.preds = _Predictions.of(res, st.cfg.output.topk)
         self.images = [im.to(st.device, non_blocking=True) for im in batch.images]
-        self.sizes = [(int(im.shape[1]), int(im.shape[2])) for im in self.images]
+        self.sizes = [(int(im.shape[1]), int(im.shape[2])) for im in self.images]  # as decoded: overlays, maps
+        self.originals = batch.sizes or self.sizes  # as stored: records, peaks, ground truth
         pre = st.loaded.preprocess
         self.windows = [pre.window(h, w) for h, w in self.sizes]
         self.metric_ctx = self._metric_context() if st.metrics else None
@@ -504,7 +617,7 @@ class _BatchOutputs:
     def _metric_context(self) -> MetricContext:
         st = self.ctx.st
         gt = st.ground_truth if any(ms.ground_truth for ms, _ in st.metrics) else None
-        return build_context(self.batch.rels, self.sizes, st.loaded.preprocess, gt, st.device)
+        return build_context(self.batch.rels, self.originals, st.loaded.preprocess, gt, st.device)
 
     def add(self, mres: MethodResult, j: int) -> None:
         """The map of method ``mres`` for target rank ``j``: stats, metrics, overlays, raw maps."""
@@ -516,34 +629,64 @@ class _BatchOutputs:
         norm = normalize(raw, mode)
         metric_vals = self._metrics(self.res.batches[j], raw, mode) if st.metrics else {}
         extras = {k: v.detach().float().cpu() for k, v in mres.extras[j].items()}
-        suffix = f".{spec.name}" + target_suffix(st.target, j)
         source = target_source(st.target, j)
-        boxes = next((b for ms, mp in st.metrics if (b := ms.boxes_to_draw(mp, metric_vals)) is not None), None)
+        boxes, thresholds = self._drawn_boxes(metric_vals)
         overlays, peaks = compose(self.images, norm, self.windows, self.ctx.palette, signed=mode == "diverging",
-                                  boxes=boxes, overlays=o.overlays)
+                                  boxes=boxes, overlays=o.overlays, style=self.ctx.styles.get(spec.name))
         layer = st.layer.spec if (st.layer is not None and spec.needs_layer) else None
-        for i, rel in enumerate(self.batch.rels):
-            stem = self.ctx.names[rel]
-            files: records.Files = {"overlay": None, "map": None}
-            if overlays[i] is not None:
-                files["overlay"] = overlay_file(stem, suffix, o.format)
-                self.jobs[i].append((self.ctx.out / files["overlay"],
-                                     partial(encode_image, overlays[i], o.format, o.jpeg_quality)))
-            if o.save_maps:
-                files["map"] = map_file(stem, suffix)
-                arr = _map_array(raw[i], self.sizes[i], self.windows[i])
-                self.jobs[i].append((self.ctx.out / files["map"], partial(encode_npy, arr)))
-            width = self.sizes[i][1]
-            map_stats: records.MapStats = {
-                "shape": list(raw.shape[1:]), "min": float(stats[i, 0]), "max": float(stats[i, 1]),
-                "mean": float(stats[i, 2]), "peak": [int(peaks[i] % width), int(peaks[i] // width)]}
-            values: dict[str, Any] = {k: records.json_ready(v[i].tolist()) for k, v in extras.items()}
-            if metric_vals:
-                values["metrics"] = {k: records.json_ready(v[i].tolist()) for k, v in metric_vals.items()}
+        for i in range(len(self.batch.rels)):
             target = self.preds.target(i, j, st.loaded.label)
             if source is not None:
                 target["source"] = source
+            suffix = f".{spec.name}" + target_suffix(st.target, j) + (
+                f"-{records.file_safe(target['label'], target['index'])}" if st.target.mode == "topk" else "")
+            tags = list(zip(boxes[i].reshape(-1, 4).tolist(), thresholds, strict=False)) if boxes is not None else []
+            files = self._files(i, overlays[i], suffix, raw[i], Caption(spec.name, target["label"], target["prob"],
+                                                                         target["rank"]), tags)
+            map_stats: records.MapStats = {
+                "shape": list(raw.shape[1:]), "min": float(stats[i, 0]), "max": float(stats[i, 1]),
+                "mean": float(stats[i, 2]), "peak": self._peak(i, int(peaks[i]))}
+            values: dict[str, Any] = {k: records.json_ready(v[i].tolist()) for k, v in extras.items()}
+            if metric_vals:
+                values["metrics"] = {k: records.json_ready(v[i].tolist()) for k, v in metric_vals.items()}
             self.entries[i].append(records.explanation_entry(spec.name, layer, target, map_stats, files, values))
+
+    def _peak(self, i: int, flat: int) -> list[int]:
+        """(x, y) of a map's peak in the image's own pixels (scaled up when it was decoded reduced)."""
+        (h, w), (oh, ow) = self.sizes[i], self.originals[i]
+        x, y = flat % w, flat // w
+        if (h, w) == (oh, ow):
+            return [x, y]
+        return [min(ow - 1, int((x + 0.5) * ow / w)), min(oh - 1, int((y + 0.5) * oh / h))]
+
+    def _drawn_boxes(self, metric_vals: dict[str, Tensor]) -> tuple[Tensor | None, tuple[float, ...]]:
+        """The boxes a metric draws on the overlays (B, T, 4), and the thresholds they are tagged
+        with (the metric's ``thresholds`` knob, when it has one)."""
+        for ms, mp in self.ctx.st.metrics:
+            b = ms.boxes_to_draw(mp, metric_vals)
+            if b is not None:
+                return b, tuple(getattr(mp, "thresholds", ()))
+        return None, ()
+
+    def _files(self, i: int, overlay: np.ndarray | None, suffix: str, raw: Tensor, caption: Caption,
+               tags: list[tuple[list[float], float]]) -> records.Files:
+        """Queue image ``i``'s overlay (annotated unless ``output.annotate`` is off) and raw map."""
+        o = self.ctx.st.cfg.output
+        stem = self.ctx.names[self.batch.rels[i]]
+        files: records.Files = {"overlay": None, "map": None}
+        if overlay is not None:
+            files["overlay"] = name = overlay_file(stem, suffix, o.format)
+            if o.annotate:
+                produce = partial(_encode_annotated, overlay, caption, self.ctx.legends[caption.method], tags,
+                                  o.format, o.jpeg_quality)
+            else:
+                produce = partial(encode_image, overlay, o.format, o.jpeg_quality)
+            self.jobs[i].append((self.ctx.out / name, produce))
+        if o.save_maps:
+            files["map"] = name = map_file(stem, suffix)
+            arr = _map_array(raw, self.sizes[i], self.windows[i])
+            self.jobs[i].append((self.ctx.out / name, partial(encode_npy, arr)))
+        return files
 
     def _metrics(self, mb: Batch, raw: Tensor, mode: str | None) -> dict[str, Tensor]:
         """Every metric of the run on one method's maps, at the model input's size and scaled as
@@ -562,8 +705,15 @@ class _BatchOutputs:
         if st.device.type == "cuda":
             torch.cuda.synchronize(st.device)  # the queued overlay copies have landed
         for i, rel in enumerate(self.batch.rels):
-            rec = records.image_record(rel, self.sizes[i], self.preds.topk(i, st.loaded.label), self.entries[i])
+            rec = records.image_record(rel, self.originals[i], self.preds.topk(i, st.loaded.label), self.entries[i],
+                                       decoded=self.sizes[i] if self.sizes[i] != self.originals[i] else None)
             self.ctx.writer.submit(rec, self.jobs[i])
+
+
+def _encode_annotated(rgb: np.ndarray, caption: Caption, legend: Legend, tags: list[tuple[list[float], float]],
+                      fmt: str, quality: int) -> bytes:
+    """An overlay with its caption strip and box tags, encoded (on a writer thread)."""
+    return encode_image(annotate(rgb, caption, legend, tags), fmt, quality)
 
 
 def _map_array(raw: Tensor, size: tuple[int, int], window: tuple[float, float, float, float]) -> np.ndarray:

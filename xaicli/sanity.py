@@ -362,6 +362,8 @@ def run_sanity(
 
     if max_images is not None and max_images < 1:
         raise ConfigError(f"--max-images: must be >= 1, got {max_images}")
+    if math.isnan(max_spearman):
+        raise ConfigError("--max-spearman: expected a number, got nan", "e.g. --max-spearman 0.5")
     entries = [e for e in list_images(input_path).entries if select is None or select(e.rel)]
     if max_images is not None:
         entries = entries[:max_images]

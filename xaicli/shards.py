@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -31,8 +31,29 @@ if TYPE_CHECKING:
     import torch
 
 from .errors import ConfigError, OutputError
-from .outputs import PARTS, RUN, SCORES, atomic_write, dumps_line, read_scores, write_json
-from .records import merged_manifest, read_json, record_files
+from .lock import (
+    FOLDER_LOCK,
+    FileLock,
+    Holder,
+    describe_holders,
+    held_part_locks,
+    part_lock_name,
+    read_holder,
+)
+from .outputs import (
+    PARTS,
+    PLAN,
+    RUN,
+    SCORES,
+    atomic_write,
+    dumps_line,
+    holds_run,
+    output_error,
+    read_scores,
+    scan_scores,
+    write_json,
+)
+from .records import merged_manifest, plan_differences, plan_of, read_json, record_files
 
 LOCK = ".xai-merge.lock"
 _PART_RE = re.compile(r"^(scores|run)\.(\d+)-of-(\d+)\.(jsonl|json)$")
@@ -56,6 +77,9 @@ class Part:
 
     def run_path(self, out: Path) -> Path:
         return out / PARTS / f"run.{self.index}-of-{self.count}.json"
+
+    def lock_path(self, out: Path) -> Path:
+        return out / part_lock_name(self.index, self.count)
 
 
 @dataclass(frozen=True)
@@ -124,16 +148,21 @@ def list_parts(out: Path) -> tuple[dict[Part, Path], dict[Part, Path]]:
     return scores, runs
 
 
-def collect_records(out: Path) -> dict[str, dict[str, Any]]:
-    """One record per path from scores.jsonl and every scores part: later writes win (the base
-    file first, then parts by modification time), so a re-done image replaces its old line."""
+def collect_records(out: Path, parts: Sequence[Path] | None = None,
+                    damaged: dict[str, int] | None = None) -> dict[str, dict[str, Any]]:
+    """One record per path from scores.jsonl and the scores parts (``parts``; default: every one
+    present): later writes win (the base file first, then parts by modification time), so a
+    re-done image replaces its old line. ``damaged`` receives file name -> lines skipped."""
     records: dict[str, dict[str, Any]] = {}
-    score_parts, _ = list_parts(out)
-    sources = [out / SCORES, *sorted(score_parts.values(), key=lambda p: (p.stat().st_mtime_ns, p.name))]
+    if parts is None:
+        parts = list(list_parts(out)[0].values())
+    sources = [out / SCORES, *sorted(parts, key=lambda p: (p.stat().st_mtime_ns, p.name))]
     for src in sources:
-        for r in read_scores(src):
-            if isinstance(r, dict) and isinstance(r.get("path"), str):
-                records[r["path"]] = r
+        recs, bad = scan_scores(src)
+        if bad and damaged is not None:
+            damaged[src.relative_to(out).as_posix()] = bad
+        for r in recs:
+            records[r["path"]] = r
     return records
 
 
@@ -164,9 +193,10 @@ def remove_parts(out: Path, paths: list[Path]) -> None:
 
 def finalize_unsharded(out: Path) -> list[dict[str, Any]]:
     """End of a run without parts: scores.jsonl plus any parts left by an earlier sharded run
-    (resumed here in one piece) become one sorted scores.jsonl; those parts are removed."""
+    (resumed here in one piece, under the folder's exclusive lock) become one sorted scores.jsonl;
+    those parts are removed."""
     score_parts, run_parts = list_parts(out)
-    ordered = write_scores(out, collect_records(out))
+    ordered = write_scores(out, collect_records(out, list(score_parts.values())))
     remove_parts(out, [*score_parts.values(), *run_parts.values()])
     return ordered
 
@@ -183,6 +213,8 @@ class MergeResult:
     failed: int
     exit_code: int
     merged_parts: list[str] = field(default_factory=list)
+    incomplete: list[str] = field(default_factory=list)  # parts not finished (run.json's incomplete_parts)
+    notes: list[str] = field(default_factory=list)  # e.g. damaged lines skipped
 
 
 def _finished(out: Path, run_parts: dict[Part, Path]) -> tuple[set[Part], dict[Part, dict[str, Any]], dict | None]:
@@ -200,54 +232,106 @@ def missing_parts(finished: set[Part], count: int) -> list[Part]:
     return [Part(i, count) for i in range(count) if Part(i, count) not in finished]
 
 
+@contextmanager
+def claim_parts(out: Path, parts: Iterable[Part]) -> Iterator[tuple[set[Part], dict[Part, Holder | None]]]:
+    """Take the lock of each part to merge (see lock.py), without waiting: (claimed, running). A
+    running part's files are never read for the merge, rewritten or removed: it merges itself
+    when it finishes. The claims are held until the merge is over."""
+    held: list[FileLock] = []
+    claimed: set[Part] = set()
+    running: dict[Part, Holder | None] = {}
+    try:
+        for p in sorted(set(parts)):
+            lk = FileLock(p.lock_path(out), what=f"xai merge (part {p.label})")
+            try:
+                got = lk.acquire()
+            except OSError as e:
+                raise output_error(e, out, "cannot create a lock file") from None
+            if got:
+                held.append(lk)
+                claimed.add(p)
+            else:
+                running[p] = read_holder(p.lock_path(out))
+        yield claimed, running
+    finally:
+        for lk in held:
+            lk.release(unlink=True)  # merged parts need no lock file; a newcomer makes its own
+
+
 def merge_parts(out: Path, *, layout: int | None = None, partial: bool = False) -> MergeResult | None:
-    """Merge ``out/parts`` into scores.jsonl and run.json and remove the merged parts.
+    """Merge ``out/parts`` into scores.jsonl and run.json and remove the merged parts; parts
+    another process is running are left alone (claim_parts).
 
     ``layout``: merge only when every part of that many has finished (None is returned
     otherwise); without it (``xai merge``) some layout must be complete unless ``partial``.
     Returns None when there was nothing to merge or the layout is not complete yet.
     """
-    from .metrics.summary import aggregate
-
     if not out.is_dir():
         raise OutputError(f"{out}: no such folder", "pass the --out folder of a sharded run")
     score_parts, run_parts = list_parts(out)
     if not score_parts and not run_parts:
         return None
-    finished, runs, prev = _finished(out, run_parts)
-    layouts = sorted({p.count for p in [*score_parts, *run_parts]})
-    if layout is not None:
-        if missing_parts(finished, layout):
+    with claim_parts(out, [*score_parts, *run_parts]) as (claimed, running):
+        score_parts = {p: f for p, f in score_parts.items() if p in claimed}
+        run_parts = {p: f for p, f in run_parts.items() if p in claimed}
+        finished, runs, prev = _finished(out, run_parts)
+        layouts = sorted({p.count for p in [*claimed, *running]})
+        if layout is not None:
+            if missing_parts(finished, layout):
+                return None
+        elif not partial and not any(not missing_parts(finished, n) for n in layouts):
+            raise OutputError(f"{out}: the sharded run is incomplete ({_gaps(finished, layouts, running)})",
+                              "rerun the missing parts with --resume --shard I/N (the same N), or merge what is "
+                              "there with `xai merge --partial` (a running part is never touched)")
+        if not score_parts and not run_parts:
             return None
-    elif not partial and not any(not missing_parts(finished, n) for n in layouts):
-        gaps = "; ".join(
-            f"{', '.join(p.label for p in missing_parts(finished, n))} not finished" for n in layouts
-        )
-        raise OutputError(
-            f"{out}: the sharded run is incomplete ({gaps})",
-            "rerun the missing parts with --resume --shard I/N (the same N), or merge what is there with "
-            "`xai merge --partial`",
-        )
+        return _merge_claimed(out, score_parts, run_parts, (finished, runs, prev), layouts, running)
 
-    ordered = write_scores(out, collect_records(out))
+
+def _gaps(finished: set[Part], layouts: list[int], running: Mapping[Part, Holder | None]) -> str:
+    out = []
+    for n in layouts:
+        labels = [p.label + (f" running: {describe_holders([running[p]])}" if p in running else "")
+                  for p in missing_parts(finished, n)]
+        out.append(f"{', '.join(labels)} not finished")
+    return "; ".join(out)
+
+
+def _merge_claimed(out: Path, score_parts: dict[Part, Path], run_parts: dict[Part, Path],
+                   state: tuple[set[Part], dict[Part, dict[str, Any]], dict | None], layouts: list[int],
+                   running: Mapping[Part, Holder | None]) -> MergeResult:
+    """The merge proper, over the claimed parts' files."""
+    from .metrics.summary import aggregate
+
+    finished, runs, prev = state
+    damaged: dict[str, int] = {}
+    ordered = write_scores(out, collect_records(out, list(score_parts.values()), damaged))
     new = [runs[p] for p in sorted(runs)]
     kept = [s for s in (prev or {}).get("parts") or []
             if isinstance(s, dict) and Part(s.get("index", -1), s.get("count", 0)) not in runs]
     base = merged_manifest(new, prev, kept, ordered)
     base["aggregates"] = aggregate(ordered)
+    complete = [n for n in layouts if not missing_parts(finished, n)]
+    incomplete = [] if complete else [p.label for n in layouts for p in missing_parts(finished, n)]
+    base["incomplete_parts"] = incomplete
     write_json(out / RUN, base)
-    merged = [*score_parts.values(), *run_parts.values()]
-    remove_parts(out, merged)
+    remove_parts(out, [*score_parts.values(), *run_parts.values()])
+    if not incomplete and not running:
+        (out / PLAN).unlink(missing_ok=True)  # run.json holds the plan now
     failed = len(base["failures"])
+    notes = [f"{n} damaged line(s) in {name} skipped: rerun with --resume to redo their images"
+             for name, n in damaged.items()]
+    notes += [f"part {p.label} is still running ({describe_holders([h])}): it merges itself when it finishes"
+              for p, h in sorted(running.items())]
     return MergeResult(base, len(ordered), len(ordered) - failed, failed, base["exit_code"],
-                       sorted(p.label for p in {*score_parts, *runs}))
+                       sorted(p.label for p in {*score_parts, *runs}), incomplete, notes)
 
 
 @contextmanager
 def merge_lock(out: Path) -> Iterator[None]:
-    """An exclusive lock on ``out/.xai-merge.lock``, released if the process dies; a no-op where
-    fcntl is missing (Windows). The file stays: unlinking it would let a waiting process and a
-    newcomer hold two locks on two inodes."""
+    """An exclusive lock on ``out/.xai-merge.lock`` while parts are merged (one merge at a time),
+    released if the process dies; a no-op where fcntl is missing (Windows). The file stays:
+    unlinking it would let a waiting process and a newcomer hold two locks on two inodes."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
@@ -262,8 +346,8 @@ def merge_lock(out: Path) -> Iterator[None]:
 
 
 def merge_if_complete(out: Path, part: Part) -> tuple[MergeResult | None, list[Part]]:
-    """After a part finished without torchrun: the last of its layout to finish merges.
-    Returns (merge result or None, parts still running)."""
+    """After a part finished (and let go of its own part lock) without torchrun: the last of its
+    layout to finish merges. Returns (merge result or None, parts still running)."""
     with merge_lock(out):
         score_parts, run_parts = list_parts(out)
         if not score_parts and not run_parts:
@@ -272,7 +356,40 @@ def merge_if_complete(out: Path, part: Part) -> tuple[MergeResult | None, list[P
         missing = missing_parts(finished, part.count)
         if missing:
             return None, missing
-        return merge_parts(out, layout=part.count), []
+        merged = merge_parts(out, layout=part.count)
+        if merged is None:  # a part of the layout is running again (--resume): it merges when done
+            return None, [p for p in running_parts(out) if p.count == part.count]
+        return merged, []
+
+
+def running_parts(out: Path) -> list[Part]:
+    """Parts whose lock some process holds now."""
+    found = []
+    for path, _ in held_part_locks(out):
+        m = re.match(r"^\.xai-part\.(\d+)-of-(\d+)\.lock$", path.name)
+        if m:
+            found.append(Part(int(m.group(1)), int(m.group(2))))
+    return found
+
+
+def merge_folder(out: Path, *, partial: bool = False) -> MergeResult | None:
+    """`xai merge`: the parts of a sharded run merged by hand, beside running parts (shared folder
+    lock; their files are left alone) but never beside an unsharded run of the folder."""
+    if not out.is_dir():
+        raise OutputError(f"{out}: no such folder", "pass the --out folder of a sharded run")
+    folder = FileLock(out / FOLDER_LOCK, shared=True, what="xai merge")
+    try:
+        got = folder.acquire_or_wait_stale()
+    except OSError as e:
+        raise output_error(e, out, "cannot create the lock file") from None
+    if not got:
+        raise OutputError(f"{out} is in use by {describe_holders([read_holder(out / FOLDER_LOCK)])}",
+                          "wait for that run to finish; it merges any parts itself")
+    try:
+        with merge_lock(out):
+            return merge_parts(out, partial=partial)
+    finally:
+        folder.release()
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,6 +421,7 @@ class Layout:
     part: Part | None = None
     dist: DistEnv | None = None
     group: Group | None = None
+    locks: list[FileLock] = field(default_factory=list)  # held while this process runs its share
 
     @staticmethod
     def for_process(out: Path, shard: tuple[int, int] | None) -> Layout:
@@ -325,6 +443,122 @@ class Layout:
             if self.group is not None:
                 self.group.close()
             self.group = None
+
+    @contextmanager
+    def locked(self, what: str) -> Iterator[Layout]:
+        """Inside, this process holds the output folder for its share (see lock.py): the folder
+        lock, exclusive for a whole run and shared by the parts, and its part's own lock. Another
+        process holding what it needs: OutputError naming that process (exit 2)."""
+        folder = FileLock(self.out / FOLDER_LOCK, shared=self.part is not None, what=what)
+        try:
+            if not folder.acquire_or_wait_stale():
+                raise self._busy(folder)
+            self.locks.append(folder)
+            if self.part is not None:
+                own = FileLock(self.part.lock_path(self.out), what=what)
+                if not own.acquire_or_wait_stale():
+                    raise OutputError(f"part {self.part.label} of {self.out} is already running: "
+                                      f"{describe_holders([own.holder()])}",
+                                      "a part runs in one process at a time; once it has stopped, "
+                                      f"--resume --shard {self.part.label} continues it")
+                self.locks.append(own)
+        except OSError as e:
+            self.release_locks()
+            raise output_error(e, self.out, "cannot create the lock file") from None
+        except BaseException:
+            self.release_locks()
+            raise
+        try:
+            yield self
+        except BaseException:
+            self.release_locks()
+            raise
+        self.release_locks(unlink=self.part is None)  # a whole run that finished leaves no lock file
+
+    def _busy(self, folder: FileLock) -> OutputError:
+        """The refusal when the folder lock is taken: by an unsharded run, or by running parts."""
+        parts = held_part_locks(self.out)
+        if parts and self.part is None:
+            who = describe_holders([h for _, h in parts])
+            return OutputError(f"--out {self.out} is in use by a sharded run: {who}",
+                               "a run without --shard cannot share a folder with running parts: wait for them, "
+                               "or choose another --out")
+        holder = folder.holder()
+        return OutputError(f"--out {self.out} is in use by another run: {describe_holders([holder])}",
+                           "two runs on one folder would overwrite each other's results: wait for it to finish "
+                           "(then --resume continues it), or choose another --out")
+
+    @contextmanager
+    def tidy_if_unstarted(self, created: bool) -> Iterator[None]:
+        """A run that stops before its first image (a model that does not load, a refused plan,
+        Ctrl-C) leaves nothing behind: no empty scores file, no plan, and no folder it created."""
+        try:
+            yield
+        except BaseException:
+            self._tidy(created)
+            raise
+
+    def _tidy(self, created: bool) -> None:
+        try:
+            if self.scores_path.stat().st_size > 0:
+                return
+            self.scores_path.unlink()
+        except OSError:
+            pass
+        if self.part is not None or holds_run(self.out) or list_parts(self.out) != ({}, {}):
+            return
+        with contextlib.suppress(OSError):
+            (self.out / PLAN).unlink(missing_ok=True)
+            ours = {FOLDER_LOCK, LOCK}  # held exclusively by this whole run: safe to remove (lock.py)
+            if {p.name for p in self.out.iterdir()} <= ours:
+                for name in ours:
+                    (self.out / name).unlink(missing_ok=True)
+                if created:
+                    self.out.rmdir()
+
+    def adopt_plan(self, described: dict[str, Any], *, resume: bool) -> None:
+        """Compare this process's plan (records.plan_of: model, weights, layer, methods and
+        knobs, target, ...) with the run already in the folder, then record it as the folder's
+        plan file. A part always compares (the parts of a run must agree), a whole run when it
+        resumes; a difference is a ConfigError listing it. Under the merge lock: parts starting
+        together see each other's plans."""
+        mine = plan_of(described)
+        with merge_lock(self.out) if self.part is not None else contextlib.nullcontext():
+            if resume or self.part is not None:
+                for source, earlier in self._earlier_plans():
+                    diffs = plan_differences(earlier, mine)
+                    if diffs:
+                        raise self._plan_refusal(source, diffs, resume)
+            write_json(self.out / PLAN, described)
+
+    def _earlier_plans(self) -> list[tuple[str, dict[str, Any]]]:
+        """The plans recorded in the folder, when it holds results or running parts."""
+        own_lock = self.part.lock_path(self.out) if self.part is not None else None
+        running = [p for p, _ in held_part_locks(self.out) if p != own_lock]
+        _, run_parts = list_parts(self.out)
+        has_results = holds_run(self.out) or any(list_parts(self.out)) or running
+        if not has_results:
+            return []
+        sources = [self.out / PLAN, self.out / RUN, *sorted(run_parts.values())]
+        return [(p.relative_to(self.out).as_posix(), plan_of(r)) for p in sources if (r := read_json(p)) is not None]
+
+    def _plan_refusal(self, source: str, diffs: list[str], resume: bool) -> ConfigError:
+        what = "--resume" if resume else f"--shard {self.part.label}" if self.part is not None else "this run"
+        shown = diffs[:12] + ([f"... and {len(diffs) - 12} more"] if len(diffs) > 12 else [])
+        return ConfigError(
+            f"{what}: the run in {self.out} was made with another plan ({source}):\n    " + "\n    ".join(shown),
+            "resume with the config and flags of that run, or write to another --out (--overwrite starts it again)",
+        )
+
+    def release_locks(self, unlink: bool = False) -> None:
+        while self.locks:
+            self.locks.pop().release(unlink)
+
+    def release_part_lock(self) -> None:
+        """A finished part lets go of its own lock before merging, so that the merging process
+        (this one or another part) can claim it (see claim_parts)."""
+        if self.part is not None and len(self.locks) > 1:
+            self.locks.pop().release()
 
     @property
     def is_main(self) -> bool:
@@ -375,8 +609,10 @@ class Layout:
         (under torchrun, rank 0 after a barrier, and every rank gets the merged exit code)."""
         if self.part is None:
             write_json(self.out / RUN, run)
+            (self.out / PLAN).unlink(missing_ok=True)  # run.json holds the plan now
             return Finish(run, run["exit_code"], complete=True)
         write_json(self.part.run_path(self.out), run)
+        self.release_part_lock()
         if self.group is not None:
             self.group.barrier()
             merged, pending = merge_if_complete(self.out, self.part) if self.group.is_main else (None, [])

@@ -36,11 +36,13 @@ def table(outcomes: Sequence[Outcome], title: str = "xai check") -> Any:
     from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=title)
+    from ..errors import printable
+
+    t = Table(title=escape(printable(title)))
     for col, just in (("rule", "left"), ("result", "left"), ("measured", "right"), ("bound", "left"),
                       ("detail", "left")):
         t.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
     for o in outcomes:
-        t.add_row(escape(o.rule.name), "[bold green]PASS[/]" if o.passed else "[bold red]FAIL[/]",
-                  _fmt(o.measured), o.rule.bounds.describe(), escape(o.detail))
+        t.add_row(escape(printable(o.rule.name)), "[bold green]PASS[/]" if o.passed else "[bold red]FAIL[/]",
+                  _fmt(o.measured), o.rule.bounds.describe(), escape(printable(o.detail)))
     return t

@@ -9,10 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from ..config import build_dataclass, non_negative, positive
-from ..errors import ConfigError, suggest
+from ..config import build_dataclass, non_negative, positive, read_yaml
+from ..errors import ConfigError, quote, suggest
 
 Aggregate = Literal["mean", "median", "min", "max", "fraction_true"]
 SANITY_MEASURES = {
@@ -151,7 +149,10 @@ def _globs(images: str | tuple[str, ...] | None, path: str) -> tuple[str, ...]:
     for g in globs:
         if not g.strip():
             raise ConfigError(f"{path}.images: empty glob")
-        glob_regex(g)
+        try:
+            glob_regex(g)
+        except ConfigError as e:
+            raise ConfigError(f"{path}.{e.message}", e.hint) from None
     return globs
 
 
@@ -208,7 +209,7 @@ def parse_metric(r: RuleInput) -> Rule:
     raw = r.raw
     metric = (raw.metric or "").strip()
     if not metric or any(not p for p in metric.split(".")):
-        raise ConfigError(f"{r.path}.metric: expected a field name such as energy or target.prob, got {raw.metric!r}")
+        raise ConfigError(f"{r.path}.metric: expected a field name such as energy or target.prob, got {quote(raw.metric)}")
     name = raw.name or f"{raw.aggregate} {metric}" + (f" ({r.method})" if r.method else "")
     return Rule(name, "metric", _bounds(raw, r.path), r.images, method=r.method, metric=metric,
                 aggregate=raw.aggregate)
@@ -275,12 +276,7 @@ def load_expectations(path: Path, default_method: str | None = None) -> Expectat
     """Read and validate an expectations YAML (safe loader); errors name the file and key path."""
     if not path.is_file():
         raise ConfigError(f"expectations file not found: {path}", "pass an existing YAML file to --expect")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read {path}: {e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = read_yaml(path, "expectations")
     if data is None:
         data = {}
     try:
@@ -323,7 +319,11 @@ def glob_regex(pattern: str) -> re.Pattern[str]:
         else:
             out.append(re.escape(p[i]))
             i += 1
-    return re.compile("".join(out) + r"\Z")
+    try:
+        return re.compile("".join(out) + r"\Z")
+    except re.error as e:
+        raise ConfigError(f"images: {quote(pattern)} is not a valid glob: {e.msg}",
+                          "a class like [a-z] needs its range in order; write [[] for a literal [") from None
 
 
 def selector(globs: Sequence[str]) -> Callable[[str], bool]:

@@ -20,8 +20,9 @@ if TYPE_CHECKING:
 
 def stable_seed(seed: int, key: str) -> int:
     """A seed from a run's seed and a name (an image's path, a block of the model): the same in
-    every process, whatever the batching, sharding or resuming."""
-    h = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    every process, whatever the batching, sharding or resuming. Any file name will do: the bytes
+    of a name that is not UTF-8 (kept by Python as lone surrogates) are hashed as they are."""
+    h = hashlib.blake2b(f"{seed}:{key}".encode("utf-8", "surrogateescape"), digest_size=8).digest()
     return int.from_bytes(h, "little") & ((1 << 62) - 1)
 
 

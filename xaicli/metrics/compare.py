@@ -85,7 +85,10 @@ def _value(v: dict[str, Any]) -> float:
 
 def comparison_table(result: dict[str, Any]) -> Any:
     """A rich table of ``compare_runs`` output; the best value of each column in bold."""
+    from rich.markup import escape
     from rich.table import Table
+
+    from ..errors import printable
 
     multi = len(result["runs"]) > 1
     table = Table(title=f"methods compared on {result['images']} image(s)")
@@ -113,6 +116,6 @@ def comparison_table(result: dict[str, Any]) -> Any:
             if col in best and _value(v) == best[col]:
                 text = f"[bold]{text}[/]"
             cells.append(text)
-        label = [row["run"]] if multi else []
+        label = [escape(printable(str(row["run"])))] if multi else []
         table.add_row(*label, row["method"], *cells, str(row["images"]))
     return table

@@ -127,6 +127,16 @@ class GroundTruth:
         hit = self.boxes.get(_key(rel))
         return hit if hit is not None else self.boxes.get(stem)
 
+    def boxes_for(self, rel: str, height: int, width: int) -> np.ndarray | None:
+        """The object boxes (G, 4) of one image in its pixels (a mask's: its components' boxes);
+        None when it has no ground truth (for pictures; metrics read whole batches)."""
+        hit = self._lookup(rel)
+        if hit is None:
+            return None
+        if isinstance(hit, Path):
+            return mask_boxes(read_mask(hit, height, width))
+        return hit
+
     def batch(self, rels: list[str], sizes: np.ndarray, windows: np.ndarray, input_size: tuple[int, int],
               device: torch.device) -> GroundTruthBatch:
         """Read and map the ground truth of a batch (host step: file reads, per-image resize,
