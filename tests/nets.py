@@ -41,6 +41,24 @@ class HiddenHeadNet(GapNet):
         return self.fc(torch.relu(self.hidden(self.pool(self.features(x)).flatten(1))))
 
 
+class NinNet(nn.Module):
+    """Network-in-Network head: conv-relu ("features") -> 1x1 conv to one channel per class
+    ("classifier") -> global average pool, no linear layer."""
+
+    def __init__(self, num_classes: int = 5, width: int = 12, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.features = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.classifier = nn.Conv2d(width, num_classes, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.classifier(self.features(x))).flatten(1)
+
+
 def gap_net(num_classes: int = 5, width: int = 16, seed: int = 0) -> nn.Module:
     return GapNet(num_classes, width, seed)
 
@@ -111,6 +129,14 @@ def tiny_swin(num_classes: int = 5, seed: int = 0) -> nn.Module:
     net = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4],
                           num_classes=num_classes)
     return _randomise(net, seed, 0.3)
+
+
+def small_resnet(num_classes: int = 5) -> nn.Module:
+    """A torchvision ResNet with one BasicBlock per stage (batch norms, shared in-place ReLUs, skip
+    sums, overlapping max pooling): ResNet's structure at a fraction of resnet18's cost."""
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
 
 
 class SlowNet(GapNet):

@@ -297,3 +297,134 @@ def test_the_folder_run_checks_the_cam_head_once_at_setup(tiny_config, image_dir
     monkeypatch.setattr(cam_module, "_head", spy)
     res = run_explain(load_config(tiny_config("cam")), image_dir, tmp_path / "ok")
     assert res.exit_code == 0 and seen[0] is True and not any(seen[1:]) and len(seen) > 1
+
+
+# --- CAM on 1x1-convolution heads (Network in Network, SqueezeNet) -----------------------------
+
+
+def test_cam_on_a_nin_head_averages_to_the_logit(x):
+    """A 1x1 conv to the classes then GAP: mean_ij CAM_c + b_c = logit_c at the conv's input, and at
+    its output (one channel per class) the map is that channel, whose mean is the logit itself."""
+    from tests.nets import NinNet
+
+    model = NinNet().eval()
+    logits = model(x).detach()
+    for t in range(5):
+        at_input = explain_tensor(model, x, "cam", "features", target=t, params={"relu": False})
+        torch.testing.assert_close(at_input.mean((1, 2)) + model.classifier.bias[t].detach(), logits[:, t],
+                                   rtol=1e-5, atol=1e-5)
+        at_output = explain_tensor(model, x, "cam", "classifier", target=t, params={"relu": False})
+        torch.testing.assert_close(at_output.mean((1, 2)), logits[:, t], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(at_output, model.classifier(model.features(x))[:, t].detach())
+    # Grad-CAM on the same layer is CAM / Z, as on GAP + linear.
+    grad = explain_tensor(model, x, "gradcam", "features", target=2)
+    torch.testing.assert_close(grad * 16 * 16, explain_tensor(model, x, "cam", "features", target=2),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_cam_on_squeezenet_is_the_class_channel_before_pooling():
+    """squeezenet1_1: classifier = dropout, 1x1 conv, ReLU, GAP. The default layer (the pooling's
+    input) has one channel per class; the map is that channel and its spatial mean is the logit."""
+    model = torchvision.models.squeezenet1_1(num_classes=6).eval()
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(7))
+    logits = model(x).detach()
+    for t in (0, 4):
+        m = explain_tensor(model, x, "cam", target=t)  # auto layer: classifier.3:input
+        torch.testing.assert_close(m.mean((1, 2)), logits[:, t], rtol=1e-5, atol=1e-6)
+        assert m.shape[-2:] == (5, 5)
+    # Before the head's ReLU the logits are not linear in the pooled map: a clear refusal with the way out.
+    with pytest.raises(MethodError, match="not a linear function") as e:
+        explain_tensor(model, x, "cam", "features", target=0)
+    assert "whose channels are the classes" in e.value.hint
+
+
+# --- counterfactual explanations ----------------------------------------------------------------
+
+LINEAR_IN_G = ["cam", "gradcam", "hirescam", "xgradcam"]
+
+
+@pytest.mark.parametrize("method", LINEAR_IN_G)
+def test_counterfactual_is_the_negated_map_before_the_relu(gap_net, x, method):
+    """Methods whose weights are linear in the gradient (or CAM's weights): -y_c gives exactly the
+    negated map; with the ReLU it keeps the regions that speak against the class."""
+    plain = explain_tensor(gap_net, x, method, "features", target=2, params={"relu": False})
+    counter = explain_tensor(gap_net, x, method, "features", target=2,
+                             params={"relu": False, "counterfactual": True})
+    torch.testing.assert_close(counter, -plain)
+    assert plain.min() < 0 < plain.max()  # both signs present, so the check has teeth
+    clipped = explain_tensor(gap_net, x, method, "features", target=2, params={"counterfactual": True})
+    torch.testing.assert_close(clipped, (-plain).clamp_min(0))
+
+
+def test_counterfactual_layercam_and_gradcampp_use_the_negated_gradient(gap_net, x):
+    """On GAP + linear (G = w / Z): Layer-CAM keeps ReLU(-w / Z); Grad-CAM++ uses the closed form with -w."""
+    acts = gap_net.features(x).detach()
+    w = -gap_net.fc.weight[1].detach()
+    layer = torch.einsum("c,bchw->bhw", (w / 256).clamp_min(0), acts).clamp_min(0)
+    torch.testing.assert_close(explain_tensor(gap_net, x, "layercam", "features", target=1,
+                                              params={"counterfactual": True}), layer)
+    pp_weights = w.clamp_min(0)[None] / (2 + w[None] * acts.mean((2, 3)))
+    pp = torch.einsum("bc,bchw->bhw", pp_weights, acts).clamp_min(0)
+    torch.testing.assert_close(explain_tensor(gap_net, x, "gradcampp", "features", target=1,
+                                              params={"counterfactual": True}), pp, rtol=1e-4, atol=1e-6)
+
+
+def test_counterfactual_share_goes_to_the_scores(gap_net, x):
+    spec = get_method("gradcam")
+    p = spec.params(counterfactual=True)
+    layer = resolve_layer(gap_net, "features")
+    res = Explainer(gap_net, [(spec, p)], layer, TargetConfig(mode="index", index=2), Runner(gap_net, 8))(x)
+    share = res.methods[0].extras[0]["counterfactual_share"]
+    raw = explain_tensor(gap_net, x, "gradcam", "features", target=2, params={"relu": False})
+    expected = (-raw).clamp_min(0).sum((1, 2)) / raw.abs().sum((1, 2))
+    torch.testing.assert_close(share, expected)
+    assert bool(((share >= 0) & (share <= 1)).all()) and bool(((share > 0) & (share < 1)).any())
+
+
+@pytest.mark.parametrize("method", ["gradcam", "hirescam", "layercam", "gradcampp"])
+def test_counterfactual_matches_pytorch_grad_cam_on_the_negated_score(method, pgc):
+    """pytorch-grad-cam explains any scalar of the output: -logit_c is the counterfactual target."""
+    model = torchvision.models.resnet18(num_classes=7).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    targets = [3, 5]
+    ours = torch.cat([explain_tensor(model, x[i:i + 1], method, "layer4", target=t,
+                                     params={"counterfactual": True}) for i, t in enumerate(targets)])
+    refs = {"gradcam": "GradCAM", "hirescam": "HiResCAM", "layercam": "LayerCAM", "gradcampp": "GradCAMPlusPlus"}
+    with getattr(pgc, refs[method])(model, [model.layer4]) as ref_cam:
+        ref = ref_cam(x, targets=[lambda out, t=t: -out[..., t] for t in targets])
+    tol = 2e-2 if method == "gradcampp" else 1e-5
+    np.testing.assert_allclose(pgc_normalise(ours, (64, 64)), ref, atol=tol, rtol=0)
+
+
+# --- Eigen-CAM's further components -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("component", [1, 2, 3])
+def test_eigencam_component_matches_an_independent_svd(gap_net, x, component):
+    """The N-th component is X v_N (X the centred (h*w, C) activations, v_N from numpy's SVD),
+    sign-corrected by the |min| > |max| rule; both Gram branches (N < C and N > C locations)."""
+    for layer, size in (("features", 32), ("features", 4)):
+        xs = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(component))
+        acts = gap_net.features(xs).detach().double().numpy()
+        b, c, h, w = acts.shape
+        ours = explain_tensor(gap_net, xs, "eigencam", layer, params={"relu": False, "component": component})
+        for i in range(b):
+            mat = acts[i].reshape(c, h * w).T
+            mat = mat - mat.mean(0)
+            _, _, vt = np.linalg.svd(mat, full_matrices=False)
+            ref = (mat @ vt[component - 1]).reshape(h, w)
+            if np.abs(ref.min()) > np.abs(ref.max()):
+                ref = -ref
+            np.testing.assert_allclose(ours[i].numpy(), ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+
+
+def test_eigencam_components_are_orthogonal_and_too_many_is_refused(gap_net, x):
+    first = explain_tensor(gap_net, x, "eigencam", "features", params={"relu": False})
+    torch.testing.assert_close(first, explain_tensor(gap_net, x, "eigencam", "features",
+                                                     params={"relu": False, "component": 1}), rtol=0, atol=0)
+    second = explain_tensor(gap_net, x, "eigencam", "features", params={"relu": False, "component": 2})
+    cos = (first.flatten(1) * second.flatten(1)).sum(1) / (first.flatten(1).norm(dim=1) * second.flatten(1).norm(dim=1))
+    assert cos.abs().max() < 1e-4  # u_1 and u_2 are orthogonal
+    assert bool((first.flatten(1).norm(dim=1) >= second.flatten(1).norm(dim=1)).all())  # sigma_1 >= sigma_2
+    with pytest.raises(MethodError, match="component 17"):
+        explain_tensor(gap_net, x, "eigencam", "features", params={"component": 17})

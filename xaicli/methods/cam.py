@@ -2,6 +2,11 @@
 target layer's activations, combined by one shared function. Maps are (B, h, w) on the device.
 
 Shapes: activations A and gradients G = d y_c / d A are (B, C, h, w), y_c the target logit.
+
+Counterfactual explanations (Selvaraju et al. 2017, section 7): with ``counterfactual: true`` every
+method of the family explains -y_c instead of y_c (the gradients, or CAM's class weights, negated),
+so the map shows the regions whose removal would raise the class score. The share of the evidence
+that speaks against the class goes to scores.jsonl as ``counterfactual_share``.
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ from torch import Tensor, nn
 
 from ..errors import MethodError
 from . import register
-from .batch import Batch
+from .batch import Batch, MethodOutput
 
 
 @dataclass(frozen=True)
 class CamParams:
     relu: bool = True  # clip negative evidence, as the papers do before normalising
+    # Explain -y_c: the regions whose removal would raise the class score (Grad-CAM paper, section 7).
+    counterfactual: bool = False
 
 
 def combine(weights: Tensor, activations: Tensor, relu: bool) -> Tensor:
@@ -30,38 +37,76 @@ def combine(weights: Tensor, activations: Tensor, relu: bool) -> Tensor:
     return cam.clamp_min(0) if relu else cam
 
 
+def finish(weights: Tensor, activations: Tensor, p: CamParams) -> Tensor | MethodOutput:
+    """The map of a family member from its weights (computed from the signs ``p.counterfactual``
+    asks for). A counterfactual map also reports, per image, the share of the layer's evidence
+    (|map| before the ReLU) that speaks against the class: ``counterfactual_share`` in [0, 1]."""
+    if not p.counterfactual:
+        return combine(weights, activations, p.relu)
+    raw = combine(weights, activations, relu=False)
+    share = raw.clamp_min(0).sum((1, 2)) / raw.abs().sum((1, 2)).clamp_min(1e-30)
+    return MethodOutput(raw.clamp_min(0) if p.relu else raw, {"counterfactual_share": share})
+
+
+def signed_gradients(batch: Batch, p: CamParams) -> tuple[Tensor, Tensor]:
+    """A and G = d y_c / d A, or -G for a counterfactual explanation."""
+    a, g = batch.spatial()
+    return a, (-g if p.counterfactual else g)
+
+
+def _class_weights(model: nn.Module, n_channels: int, n_classes: int,
+                   device: torch.device) -> list[tuple[Tensor, Tensor | None]]:
+    """Candidates (W (N, C), b) for the head that may read the global average of a C-channel layer,
+    the most likely first: the classifier the model names (``gap_classifier``: an ACoL model's
+    branch A, its complementary view's branch B), else the linear layers C -> N (the last first),
+    else the 1x1 convolutions C -> N (a Network-in-Network head, whose average over the locations
+    is W mean(A) + b), else the identity when the layer already has one channel per class (the map
+    is that class's channel). Empty when the model has none of them."""
+
+    def linear(m: object) -> bool:
+        return isinstance(m, nn.Linear) and m.in_features == n_channels and m.out_features == n_classes
+
+    def conv1x1(m: object) -> bool:
+        return (isinstance(m, nn.Conv2d) and m.in_channels == n_channels and m.out_channels == n_classes
+                and tuple(m.kernel_size) == (1, 1) and m.groups == 1)
+
+    def wb(m: nn.Module) -> tuple[Tensor, Tensor | None]:
+        w = m.weight.detach().float()
+        return (w[:, :, 0, 0] if w.dim() == 4 else w), (m.bias.detach().float() if m.bias is not None else None)
+
+    named = getattr(model, "gap_classifier", None)
+    if linear(named):
+        return [wb(named)]
+    found = [m for m in model.modules() if linear(m)] or [m for m in model.modules() if conv1x1(m)]
+    if found:
+        return [wb(m) for m in reversed(found)]
+    return [(torch.eye(n_classes, device=device), None)] if n_channels == n_classes else []
+
+
 def _head(batch: Batch) -> tuple[Tensor, Tensor | None]:
-    """The linear classifier that reads the global average of the target layer, verified on the
-    batch (when ``batch.checks``): logits must equal W · mean(A) + b, else the model has no GAP +
-    linear head there. A model may name its classifier (``gap_classifier``: an ACoL model's branch A,
-    its complementary view's branch B); else, of several candidates, the last one that fits is taken
-    (the last one when the checks are off)."""
+    """The class weights of the head that reads the global average of the target layer (see
+    ``_class_weights``), verified on the batch (when ``batch.checks``): logits must equal
+    W · mean(A) + b for one of the candidates (the first that fits is taken; the first of all when
+    the checks are off), else the model has no such head there."""
     a = batch.activations
     assert a is not None
     n_channels, n_classes = a.shape[1], batch.logits.shape[1]
-
-    def fits(m: object) -> bool:
-        return isinstance(m, nn.Linear) and m.in_features == n_channels and m.out_features == n_classes
-
-    named = getattr(batch.model, "gap_classifier", None)
-    linears = [named] if fits(named) else [m for m in batch.model.modules() if fits(m)]
     hint = "use gradcam: on a GAP + linear network it equals CAM up to scale, and it works on any network"
     layer = batch.layer.spec if batch.layer else "?"
-    if not linears:
+    heads = _class_weights(batch.model, n_channels, n_classes, a.device)
+    if not heads:
         raise MethodError(
-            f"cam needs a linear classifier with {n_channels} inputs and {n_classes} outputs reading the "
-            f"global average of {layer!r}; {type(batch.model).__name__} has none",
+            f"cam needs a linear classifier (or a 1x1 convolution) with {n_channels} inputs and {n_classes} "
+            f"outputs reading the global average of {layer!r}, or a layer with one channel per class; "
+            f"{type(batch.model).__name__} has none",
             hint,
         )
     if not batch.checks:
-        fc = linears[-1]
-        return fc.weight.detach().float(), fc.bias.detach().float() if fc.bias is not None else None
+        return heads[0]
     scale = batch.logits.abs().max().item() + 1.0
     tol = 1e-3 if batch.runner.precision == "fp32" else 5e-2
     errors = []
-    for fc in reversed(linears):
-        w = fc.weight.detach().float()
-        b = fc.bias.detach().float() if fc.bias is not None else None
+    for w, b in heads:
         predicted = a.mean((2, 3)) @ w.T + (b if b is not None else 0)
         err = (predicted - batch.logits).abs().max().item()
         if err <= tol * scale:
@@ -69,8 +114,10 @@ def _head(batch: Batch) -> tuple[Tensor, Tensor | None]:
         errors.append(err)
     raise MethodError(
         f"cam: the logits of {type(batch.model).__name__} are not a linear function of the global average "
-        f"of {layer!r} (max difference {errors[0]:.3g}): the model has no GAP + linear head at this layer",
-        hint + "; or set target_layer to the input of the global pooling",
+        f"of {layer!r} (max difference {errors[0]:.3g}): the model has no GAP + linear (or 1x1-convolution) "
+        "head at this layer",
+        hint + "; or set target_layer to the input of the global pooling (with a 1x1-convolution head "
+        "followed by a ReLU, as in SqueezeNet: the pooling's input, whose channels are the classes)",
     )
 
 
@@ -82,12 +129,17 @@ def _head(batch: Batch) -> tuple[Tensor, Tensor | None]:
     space="layer",
     params=CamParams,
 )
-def cam(batch: Batch, p: CamParams) -> Tensor:
-    """CAM_c = sum_k w_{c,k} A_k with w the linear head's weights (bias dropped, as in the paper).
-    Needs global average pooling + a linear layer right after the target layer."""
+def cam(batch: Batch, p: CamParams) -> Tensor | MethodOutput:
+    """CAM_c = sum_k w_{c,k} A_k with w the class weights of the head (bias dropped, as in the
+    paper). The head reads the global average of the target layer: a linear layer (GAP + FC), a
+    1x1 convolution to one channel per class before the pooling (Network in Network, SqueezeNet:
+    target its input), or nothing at all when the target layer already has one channel per class
+    whose average is the logit (target the input of the pooling): then the map is that class's
+    channel. ``counterfactual``: -w_c."""
     a, _ = batch.spatial(grads=False)
     w, _ = _head(batch)
-    return combine(w[batch.targets], a, p.relu)
+    weights = w[batch.targets]
+    return finish(-weights if p.counterfactual else weights, a, p)
 
 
 @register(
@@ -100,10 +152,10 @@ def cam(batch: Batch, p: CamParams) -> Tensor:
     params=CamParams,
     aliases=("grad_cam",),
 )
-def gradcam(batch: Batch, p: CamParams) -> Tensor:
+def gradcam(batch: Batch, p: CamParams) -> Tensor | MethodOutput:
     """alpha_k = mean_ij G_kij; map = ReLU(sum_k alpha_k A_k)."""
-    a, g = batch.spatial()
-    return combine(g.mean((2, 3)), a, p.relu)
+    a, g = signed_gradients(batch, p)
+    return finish(g.mean((2, 3)), a, p)
 
 
 @register(
@@ -116,17 +168,22 @@ def gradcam(batch: Batch, p: CamParams) -> Tensor:
     params=CamParams,
     aliases=("gradcam++", "gradcam_plusplus", "grad_cam_pp"),
 )
-def gradcampp(batch: Batch, p: CamParams) -> Tensor:
+def gradcampp(batch: Batch, p: CamParams) -> Tensor | MethodOutput:
     """Eq. 19 with the exponential score: alpha_kij = g^2 / (2 g^2 + sum_ab A_kab g^3), i.e.
     1 / (2 + sum_ab A_kab * g_kij) where g != 0, else 0; weight_k = sum_ij alpha_kij ReLU(g_kij).
 
     Departure: pytorch-grad-cam adds eps=1e-6 to the g^2-scaled denominator, which biases alpha when
     gradients are small (|g| < 1e-3 is common); the simplified form needs no eps.
     """
-    a, g = batch.spatial()
+    a, g = signed_gradients(batch, p)
+    return finish(gradcampp_weights(a, g), a, p)
+
+
+def gradcampp_weights(a: Tensor, g: Tensor) -> Tensor:
+    """sum_ij alpha_kij ReLU(g_kij) with the closed-form alpha (see ``gradcampp``), (B, C)."""
     denom = 2.0 + a.sum((2, 3), keepdim=True) * g
     alpha = torch.where((g != 0) & (denom != 0), 1.0 / torch.where(denom == 0, 1.0, denom), 0.0)
-    return combine((alpha * g.clamp_min(0)).sum((2, 3)), a, p.relu)
+    return (alpha * g.clamp_min(0)).sum((2, 3))
 
 
 @register(
@@ -138,10 +195,10 @@ def gradcampp(batch: Batch, p: CamParams) -> Tensor:
     grad_of="layer",
     params=CamParams,
 )
-def hirescam(batch: Batch, p: CamParams) -> Tensor:
+def hirescam(batch: Batch, p: CamParams) -> Tensor | MethodOutput:
     """map = ReLU(sum_k G_k * A_k); equals Grad-CAM (= CAM / Z) on a GAP + linear network."""
-    a, g = batch.spatial()
-    return combine(g, a, p.relu)
+    a, g = signed_gradients(batch, p)
+    return finish(g, a, p)
 
 
 @register(
@@ -153,11 +210,11 @@ def hirescam(batch: Batch, p: CamParams) -> Tensor:
     grad_of="layer",
     params=CamParams,
 )
-def xgradcam(batch: Batch, p: CamParams) -> Tensor:
+def xgradcam(batch: Batch, p: CamParams) -> Tensor | MethodOutput:
     """alpha_k = sum_ij (A_kij / sum_ab A_kab) G_kij (eps 1e-7 in the denominator, as the reference)."""
-    a, g = batch.spatial()
+    a, g = signed_gradients(batch, p)
     weights = (g * a).sum((2, 3)) / (a.sum((2, 3)) + 1e-7)
-    return combine(weights, a, p.relu)
+    return finish(weights, a, p)
 
 
 @register(
@@ -169,7 +226,7 @@ def xgradcam(batch: Batch, p: CamParams) -> Tensor:
     grad_of="layer",
     params=CamParams,
 )
-def layercam(batch: Batch, p: CamParams) -> Tensor:
+def layercam(batch: Batch, p: CamParams) -> Tensor | MethodOutput:
     """map = ReLU(sum_k ReLU(G_k) * A_k)."""
-    a, g = batch.spatial()
-    return combine(g.clamp_min(0), a, p.relu)
+    a, g = signed_gradients(batch, p)
+    return finish(g.clamp_min(0), a, p)

@@ -13,8 +13,8 @@ from torch import Tensor
 
 from ..config import non_negative, positive
 from . import register
-from .batch import Batch
-from .cam import CamParams, combine
+from .batch import Batch, MethodOutput
+from .cam import CamParams, combine, finish
 from .passes import grad_pass
 
 
@@ -125,11 +125,12 @@ def fem(batch: Batch, p: FemParams) -> Tensor:
     cost=lambda p, c: (2, 2),
     aliases=("shapley_cam",),
 )
-def shapleycam(batch: Batch, p: CamParams) -> Tensor:
+def shapleycam(batch: Batch, p: CamParams) -> Tensor | MethodOutput:
     """w_k = mean_ij (G - H A / 2)_kij with G = dy_c/dA and H A the Hessian of y_c with respect to A
     applied to A itself (pytorch-grad-cam's ShapleyCAM on the logit); map = ReLU(sum_k w_k A_k),
     (B, h, w). One more forward, a backward with its graph kept and a double backward per image.
-    On a network piecewise linear after the layer (ReLU heads) H A = 0 and it is Grad-CAM."""
+    On a network piecewise linear after the layer (ReLU heads) H A = 0 and it is Grad-CAM.
+    ``counterfactual``: the weights of -y_c, which are -w (G and H both change sign)."""
     a, _ = batch.spatial(grads=False)
     assert batch.layer is not None
     x, targets = batch.x, batch.targets
@@ -145,7 +146,7 @@ def shapleycam(batch: Batch, p: CamParams) -> Tensor:
         return (g - 0.5 * second).float().mean((2, 3))
 
     weights = grad_pass(batch, [(batch.layer.module, batch.layer.use_input)], lambda idx: x[idx], batch.size, reduce)
-    return combine(weights, a, p.relu)
+    return finish(-weights if p.counterfactual else weights, a, p)
 
 
 # --------------------------------------------------------------------------------------------
