@@ -122,7 +122,7 @@ def test_bad_files_are_reported_and_the_rest_completes(tmp_path, image_dir, tiny
         (["--target", "top9"], "top9 but the model has only 5 classes"),
         (["--target", "17"], "class index 17 out of range"),
         (["--device", "tpu"], "runtime.device"),
-        (["--method", "cam", "--layer", "features.0"], "cam needs a linear classifier with 8 inputs"),
+        (["--method", "cam", "--layer", "features.0"], "cam needs a linear classifier (or a 1x1 convolution) with 8 inputs"),
     ],
 )
 def test_usage_errors_exit_2_with_one_clear_line(tmp_path, image_dir, tiny_config, args, message):
@@ -272,7 +272,7 @@ def test_methods_cost_counts_the_configured_layer_channels(tiny_config):
 
 def test_methods_and_metrics_list_their_knobs(tiny_config):
     rows = {r["name"]: r for r in json.loads(xai("methods", "--json").output)}
-    assert rows["smoothgrad"]["knobs"]["samples"] == 50 and rows["gradcam"]["knobs"] == {"relu": True}
+    assert rows["smoothgrad"]["knobs"]["samples"] == 50 and rows["gradcam"]["knobs"] == {"relu": True, "counterfactual": False}
     assert "image_tensor" not in rows["integrated_gradients"]["knobs"]  # filled by code, not a knob
     cfg = tiny_config("gradcam", "methods:\n  smoothgrad: {samples: 8}\nmetrics:\n  deletion: {steps: 10}\n")
     rows = {r["name"]: r for r in json.loads(xai("methods", "-c", str(cfg), "--json").output)}

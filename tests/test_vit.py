@@ -5,6 +5,7 @@ reference, the config override and its errors, and the layout in run.json."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -158,7 +159,7 @@ def test_every_cam_and_gradient_method_runs_on_transformers(model):
     layer = auto_layer(net, size)
     assert layer.spec == expected_layer
     names = [s.name for s in all_methods()
-             if s.family in ("cam", "gradient", "perturbation") and s.name not in ("cam", *RELU_RULES)]
+             if s.family in ("cam", "gradient", "perturbation") and s.name not in ("cam", "lrp", *RELU_RULES)]
     x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
     res = _explainer(net, names, layer)(x, seeds=torch.arange(1))
     for r in res.methods:
@@ -170,6 +171,9 @@ def test_every_cam_and_gradient_method_runs_on_transformers(model):
     for name in RELU_RULES:  # defined for ReLU networks only: refused with a reason on GELU transformers
         with pytest.raises(MethodError, match="GELU"):
             _explainer(net, [name], layer)(x, seeds=torch.arange(1))
+    if importlib.util.find_spec("zennit") is not None:  # Zennit has no rules for attention: refused, not wrong
+        with pytest.raises(MethodError, match="attention"):
+            _explainer(net, ["lrp"], layer)(x, seeds=torch.arange(1))
 
 
 def test_swin_stage_output_is_channels_last_and_gradcam_matches_its_permuted_layer():

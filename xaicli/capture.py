@@ -195,6 +195,25 @@ def forward(model: nn.Module, x: Tensor, layer: LayerRef | None, grad_of: frozen
                    raw if grad_of else None)
 
 
+def layout_of(layer: LayerRef, t: Tensor, x: Tensor) -> TensorLayout | None:
+    """The layout of ``t``, a tensor at ``layer`` for the input ``x``: the one setup found, else
+    detected from the shapes (a bare call)."""
+    return layer.layout or detect_layout(tuple(t.shape), (int(x.shape[-2]), int(x.shape[-1])))
+
+
+def channel_dim(layer: LayerRef, t: Tensor, x: Tensor) -> int:
+    """The dimension of ``t`` (the layer's own tensor) that holds its channels: 1 for (B, C, h, w),
+    the last for channels-last grids and tokens (for methods that rewrite the layer's tensor)."""
+    layout = layout_of(layer, t, x)
+    return 1 if layout is None or layout.kind == "nchw" else -1
+
+
+def layer_map(layer: LayerRef, t: Tensor, x: Tensor) -> Tensor:
+    """A tensor taken at ``layer`` in its own layout (a gradient, a recorded activation) for the
+    input ``x``, in the (B, C, h, w) layout the methods read."""
+    return _spatial(layout_of(layer, t, x), t)
+
+
 def _spatial(layout: TensorLayout | None, t: Tensor) -> Tensor:
     """The layer's tensor in the (B, C, h, w) layout the methods read: the one place where a
     layer's own layout is converted, for activations and gradients alike. ``nhwc`` (B, h, w, C)

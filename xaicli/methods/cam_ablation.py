@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..capture import channel_dim
 from ..config import non_negative
 from . import register
 from .batch import Batch
@@ -72,12 +73,16 @@ def ablationcam(batch: Batch, p: AblationParams) -> Tensor:
         state["ablated"] = chans[idx // k, idx % k]
         return x[idx // k]
 
+    assert batch.layer is not None
+
     def ablate(out: Tensor) -> Tensor:
         ch = state["ablated"]
-        keep = torch.arange(out.shape[1], device=out.device)[None] != ch[:, None]  # (n, C)
-        return out * keep.view(*keep.shape, *([1] * (out.dim() - 2))).to(out.dtype)
+        cdim = channel_dim(batch.layer, out, x)  # a transformer's tokens and Swin's grids hold channels last
+        keep = (torch.arange(out.shape[cdim], device=out.device)[None] != ch[:, None]).to(out.dtype)  # (n, C)
+        shape = [1] * out.dim()
+        shape[0], shape[cdim] = keep.shape
+        return out * keep.view(shape)
 
-    assert batch.layer is not None
     with rewrite_layer(batch.layer, ablate):
         ablated = batch.runner.scores_of(build, b * k, batch.targets.repeat_interleave(k)).view(b, k)
     y = batch.target_scores()[:, None]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..capture import layer_map
 from ..config import non_negative, positive
 from . import register
 from .batch import Batch, MethodOutput
@@ -24,12 +25,13 @@ def layer_gradients(
 ) -> Tensor:
     """d objective / d A at the target layer for ``n`` inputs made by ``build(idx)``, (n, C, h, w);
     ``objective(idx, logits)`` gives one scalar per input (n,)."""
-    assert batch.layer is not None
-    point = [(batch.layer.module, batch.layer.use_input)]
+    layer = batch.layer
+    assert layer is not None
+    point = [(layer.module, layer.use_input)]
 
     def reduce(idx: Tensor, xs: Tensor, logits: Tensor, zs: list[Tensor]) -> Tensor:
         (g,) = torch.autograd.grad(objective(idx, logits).sum(), zs, allow_unused=True)
-        return torch.zeros_like(zs[0]) if g is None else g.float()
+        return layer_map(layer, torch.zeros_like(zs[0]) if g is None else g.float(), xs)  # (n, C, h, w)
 
     return grad_pass(batch, point, build, n, reduce)
 
@@ -132,7 +134,8 @@ def shapleycam(batch: Batch, p: CamParams) -> Tensor | MethodOutput:
     On a network piecewise linear after the layer (ReLU heads) H A = 0 and it is Grad-CAM.
     ``counterfactual``: the weights of -y_c, which are -w (G and H both change sign)."""
     a, _ = batch.spatial(grads=False)
-    assert batch.layer is not None
+    layer = batch.layer
+    assert layer is not None
     x, targets = batch.x, batch.targets
 
     def reduce(idx: Tensor, xs: Tensor, logits: Tensor, zs: list[Tensor]) -> Tensor:
@@ -140,12 +143,17 @@ def shapleycam(batch: Batch, p: CamParams) -> Tensor | MethodOutput:
         score = logits.gather(1, targets[idx, None]).sum()
         (g,) = torch.autograd.grad(score, z, create_graph=True, allow_unused=True)
         if g is None:
-            return torch.zeros(z.shape[:2], device=z.device)
+            return torch.zeros(a.shape[:2], device=z.device)
         hvp = torch.autograd.grad(g, z, grad_outputs=z.detach(), allow_unused=True)[0] if g.requires_grad else None
         second = torch.zeros_like(g) if hvp is None else hvp
-        return (g - 0.5 * second).float().mean((2, 3))
+        return layer_map(layer, (g - 0.5 * second).float(), xs).mean((2, 3))  # in the layer's own layout until here
 
-    weights = grad_pass(batch, [(batch.layer.module, batch.layer.use_input)], lambda idx: x[idx], batch.size, reduce)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # The fused attention kernels have no second derivative: a transformer's attention runs as
+    # plain maths for this pass (the same values).
+    with sdpa_kernel(SDPBackend.MATH):
+        weights = grad_pass(batch, [(layer.module, layer.use_input)], lambda idx: x[idx], batch.size, reduce)
     return finish(-weights if p.counterfactual else weights, a, p)
 
 

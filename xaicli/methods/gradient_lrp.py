@@ -143,6 +143,17 @@ def lrp_context(batch: Batch, p: LrpParams) -> Iterator[None]:
         yield
 
 
+def _refuse_attention(model: nn.Module) -> None:
+    """Zennit has no rules for attention (its products of activations and its softmax): on a
+    transformer the relevance would be neither conserved nor meaningful, so say so instead."""
+    found = next((m for m in model.modules() if "Attention" in type(m).__name__), None)
+    if found is not None:
+        raise MethodError(
+            f"lrp: the model has attention modules ({type(found).__name__}), for which Zennit has no LRP rules",
+            "on a vision transformer use grad_rollout, attention_rollout or integrated_gradients",
+        )
+
+
 @register(
     "lrp",
     family="gradient",
@@ -163,6 +174,7 @@ def lrp(batch: Batch, p: LrpParams) -> MethodOutput:
     rules on networks without biases (biases and the stabilisers absorb relevance), and tells how
     much a composite leaks on a real model. Models whose non-linearities are functions
     (torch.relu, F.relu) pass them unchanged, as Zennit does."""
+    _refuse_attention(batch.model)
     with lrp_context(batch, p):
         unit, scores = batch.runner.input_gradients(batch.x, batch.targets)
     # The rules are linear in the relevance they receive: start from 1 and scale by the logit.
