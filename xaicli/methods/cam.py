@@ -96,8 +96,8 @@ def _head(batch: Batch) -> tuple[Tensor, Tensor | None]:
     heads = _class_weights(batch.model, n_channels, n_classes, a.device)
     if not heads:
         raise MethodError(
-            f"cam needs a linear classifier (or a 1x1 convolution) with {n_channels} inputs and {n_classes} "
-            f"outputs reading the global average of {layer!r}, or a layer with one channel per class; "
+            f"cam needs a linear classifier with {n_channels} inputs and {n_classes} outputs (or such a 1x1 "
+            f"convolution) reading the global average of {layer!r}, or a layer with one channel per class; "
             f"{type(batch.model).__name__} has none",
             hint,
         )
