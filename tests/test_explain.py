@@ -122,7 +122,7 @@ def test_bad_files_are_reported_and_the_rest_completes(tmp_path, image_dir, tiny
         (["--target", "top9"], "top9 but the model has only 5 classes"),
         (["--target", "17"], "class index 17 out of range"),
         (["--device", "tpu"], "runtime.device"),
-        (["--method", "cam", "--layer", "features.0"], "cam needs a linear classifier (or a 1x1 convolution) with 8 inputs"),
+        (["--method", "cam", "--layer", "features.0"], "cam needs a linear classifier with 8 inputs"),
     ],
 )
 def test_usage_errors_exit_2_with_one_clear_line(tmp_path, image_dir, tiny_config, args, message):
