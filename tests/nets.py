@@ -122,12 +122,23 @@ def tiny_timm_vit(num_classes: int = 5, seed: int = 0, distilled: bool = False, 
     return _randomise(net, seed, 0.3)
 
 
-def tiny_swin(num_classes: int = 5, seed: int = 0) -> nn.Module:
-    """torchvision's Swin at toy size: 32x32 input, 2 stages, window 4 (channels-last blocks)."""
-    from torchvision.models.swin_transformer import SwinTransformer
+def tiny_swin(num_classes: int = 5, seed: int = 0, depths: tuple[int, ...] = (2, 2), window: int = 4,
+              v2: bool = False) -> nn.Module:
+    """torchvision's Swin (or Swin V2) at toy size: 32x32 input, 2 stages, window 4 (channels-last blocks)."""
+    from torchvision.models import swin_transformer as tv
 
-    net = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4],
-                          num_classes=num_classes)
+    kwargs = {"block": tv.SwinTransformerBlockV2, "downsample_layer": tv.PatchMergingV2} if v2 else {}
+    net = tv.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=list(depths), num_heads=[2] * len(depths),
+                             window_size=[window, window], num_classes=num_classes, **kwargs)
+    return _randomise(net, seed, 0.3)
+
+
+def tiny_timm_swin(num_classes: int = 5, seed: int = 0, image_size: int = 32) -> nn.Module:
+    """timm's Swin at toy size: 2 stages, window 4 (it shifts before it pads, torchvision after)."""
+    import timm
+
+    net = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=image_size, embed_dim=16,
+                            depths=(2, 2), num_heads=(2, 2), window_size=4, num_classes=num_classes)
     return _randomise(net, seed, 0.3)
 
 

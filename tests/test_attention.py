@@ -11,10 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from tests.nets import tiny_swin, tiny_timm_vit, tiny_vit
+from tests.nets import tiny_timm_vit, tiny_vit
 from xaicli.config import TargetConfig
 from xaicli.engine import Explainer
-from xaicli.errors import MethodError
 from xaicli.methods import get_method
 from xaicli.methods.batch import Runner
 from xaicli.methods.transformer import attention_taps, gradient_rollout, rollout
@@ -191,9 +190,3 @@ def test_grad_rollout_with_frozen_parameters_and_register_tokens():
         p.requires_grad_(False)
     m = explain(net, x_of(2), "grad_rollout")
     assert m.shape == (2, 4, 4) and m.abs().sum() > 0
-
-
-def test_window_attention_is_refused_with_a_reason():
-    with pytest.raises(MethodError, match="global self-attention") as e:
-        explain(tiny_swin(), x_of(1), "attention_rollout")
-    assert "ShiftedWindowAttention" in e.value.message

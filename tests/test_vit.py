@@ -286,7 +286,8 @@ def test_xai_explain_on_a_vit_end_to_end(tmp_path, image_dir):
 
 
 def test_xai_explain_on_a_swin_stage_end_to_end(tmp_path, image_dir):
-    """A channels-last Swin stage through the CLI: Grad-CAM, Score-CAM and Integrated Gradients."""
+    """A channels-last Swin stage through the CLI: Grad-CAM, Score-CAM, Integrated Gradients and both
+    rollouts through the window attention."""
     from typer.testing import CliRunner
 
     from xaicli.cli import app
@@ -296,7 +297,7 @@ def test_xai_explain_on_a_swin_stage_end_to_end(tmp_path, image_dir):
         "model: {source: factory, factory: 'tests.nets:tiny_swin', weights: random}\n"
         "preprocess: {resize: [32, 32]}\n"
         "target_layer: features.3\n"
-        "method: [gradcam, scorecam, integrated_gradients]\n"
+        "method: [gradcam, scorecam, integrated_gradients, attention_rollout, grad_rollout]\n"
         "methods: {scorecam: {max_channels: 4}, integrated_gradients: {steps: 4}}\n"
         "runtime: {device: cpu, batch_size: 4, workers: 0}\n")
     out = tmp_path / "out"
@@ -304,6 +305,8 @@ def test_xai_explain_on_a_swin_stage_end_to_end(tmp_path, image_dir):
     assert r.exit_code == 0, r.output
     recs = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert len(recs) == 5 and all(x["status"] == "ok" for x in recs)
-    assert {e["method"]: e["map"]["shape"] for e in recs[0]["explanations"]}["gradcam"] == [4, 4]
+    shapes = {e["method"]: e["map"]["shape"] for e in recs[0]["explanations"]}
+    assert shapes == {"gradcam": [4, 4], "scorecam": [4, 4], "integrated_gradients": [32, 32],
+                      "attention_rollout": [8, 8], "grad_rollout": [8, 8]}  # rollouts on the 8x8 patch grid
     run = json.loads((out / "run.json").read_text())
     assert run["layer_layout"]["layout"] == "nhwc" and run["layer_shape"] == [32, 4, 4] and not run["layer_auto"]

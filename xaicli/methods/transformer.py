@@ -27,6 +27,7 @@ from ..errors import LayerError, MethodError
 from ..layers import detect_layout, is_attention
 from . import register
 from .batch import Batch
+from .windows import has_window_attention, roll_windows, window_taps
 
 HeadFusion = Literal["mean", "max", "min"]
 
@@ -135,10 +136,11 @@ def attention_taps(model: nn.Module) -> Iterator[list[Tap]]:
         if not handles:
             found = f"; it has {', '.join(unsupported[:3])}" if unsupported else ""
             raise MethodError(
-                f"attention rollout needs global self-attention over tokens (torchvision's nn.MultiheadAttention "
-                f"or timm's Attention, as in ViT and DeiT); {type(model).__name__} has none{found}",
-                "use a CAM or gradient method on this model (Swin's and MaxViT's window attention has no "
-                "class-token row to roll out)",
+                f"attention rollout needs attention it can read: global self-attention over tokens "
+                f"(torchvision's nn.MultiheadAttention or timm's Attention, as in ViT and DeiT) or Swin's window "
+                f"attention (torchvision, timm); {type(model).__name__} has none{found}",
+                "use a CAM or gradient method on this model (MaxViT mixes its tokens with convolutions between "
+                "its attention blocks, which a rollout does not follow)",
             )
         yield taps
     finally:
@@ -155,14 +157,15 @@ class RolloutParams:
     head_fusion: HeadFusion = field(default="mean")  # how the heads' attention is merged per block
 
 
-def _run_taps(batch: Batch, grads: bool) -> tuple[list[Tap], Tensor | None]:
+def _run_taps(batch: Batch, grads: bool, tapping: Callable[[nn.Module], Any] = attention_taps) \
+        -> tuple[list[Any], Tensor | None]:
     """One forward of the batch with the attention tapped (in the graph when ``grads``), and the
     target scores inside the graph."""
     x = batch.runner.prepare(batch.x.detach())
     if grads:
         x = x.clone().requires_grad_(True)  # gradients flow even when the parameters are frozen
     ctx = torch.enable_grad() if grads else torch.no_grad()
-    with attention_taps(batch.model) as taps, ctx, batch.runner.autocast():
+    with tapping(batch.model) as taps, ctx, batch.runner.autocast():
         logits = batch.model(x)
     batch.runner.count_pass(batch.size)
     if not taps:
@@ -210,19 +213,26 @@ def attention_rollout(batch: Batch, p: RolloutParams) -> Tensor:
     """R = prod_l (0.5 A_l + 0.5 I), rows renormalised, later blocks on the left (:func:`rollout`);
     A_l the block's attention fused over heads (mean, or max/min as in Gildenblat's vit-explain);
     the map is the class token's row over the patch tokens (B, h, w). Class-agnostic."""
+    if has_window_attention(batch.model):
+        wtaps, _ = _run_taps(batch, grads=False, tapping=window_taps)
+        return roll_windows(wtaps, [_rollout_factor(t.attn.detach().float(), p.head_fusion) for t in wtaps])
     taps, _ = _run_taps(batch, grads=False)
     return _class_row(rollout([t.weights() for t in taps], p.head_fusion), batch)
+
+
+def _rollout_factor(w: Tensor, head_fusion: HeadFusion) -> Tensor:
+    """0.5 fuse(A) + 0.5 I with rows renormalised: (B, heads, T, T) -> (B, T, T)."""
+    a = 0.5 * _fuse(w, head_fusion) + 0.5 * torch.eye(w.shape[-1], device=w.device)
+    return a / a.sum(-1, keepdim=True)
 
 
 def rollout(weights: list[Tensor], head_fusion: HeadFusion = "mean") -> Tensor:
     """Abnar & Zuidema's rollout of the blocks' attention (B, heads, T, T), first block first:
     R = A'_L ... A'_1 with A' = 0.5 fuse(A) + 0.5 I, rows renormalised; (B, T, T)."""
     b, _, n, _ = weights[0].shape
-    eye = torch.eye(n, device=weights[0].device)
-    r = eye.expand(b, n, n)
+    r = torch.eye(n, device=weights[0].device).expand(b, n, n)
     for w in weights:
-        a = 0.5 * _fuse(w, head_fusion) + 0.5 * eye
-        r = (a / a.sum(-1, keepdim=True)) @ r
+        r = _rollout_factor(w, head_fusion) @ r
     return r
 
 
@@ -250,13 +260,32 @@ def gradient_rollout(weights: list[Tensor], grads: list[Tensor]) -> Tensor:
 def grad_rollout(batch: Batch, p: Any) -> Tensor:
     """R = I; per block R += mean_h((dA ⊙ A)^+) R (:func:`gradient_rollout`), dA = d logit[target] / d A
     (their eq. 5-6 for self-attention); the map is the class token's row over the patch tokens (B, h, w)."""
+    if has_window_attention(batch.model):
+        return _grad_roll_windows(batch)
     taps, score = _run_taps(batch, grads=True)
     assert score is not None
     lives = [t.live for t in taps]
     if any(t is None or not t.requires_grad for t in lives):
         raise MethodError("grad_rollout: the attention is not connected to the logits by differentiable operations")
-    found = torch.autograd.grad(score, lives, allow_unused=True)  # type: ignore[arg-type]
+    found = torch.autograd.grad(score, lives, allow_unused=True)
     weights = [t.weights() for t in taps]
     grads = [t.weight_grads(g) if g is not None else torch.zeros_like(a)
              for t, g, a in zip(taps, found, weights, strict=True)]
     return _class_row(gradient_rollout(weights, grads), batch)
+
+
+def _grad_roll_windows(batch: Batch) -> Tensor:
+    """Chefer's factor I + mean_h((dA ⊙ A)^+) per window-attention call, carried from the pooled
+    output to the patch grid by :func:`roll_windows`; dA is autograd's gradient with respect to the
+    call's own softmax output."""
+    taps, score = _run_taps(batch, grads=True, tapping=window_taps)
+    assert score is not None
+    if any(not t.attn.requires_grad for t in taps):
+        raise MethodError("grad_rollout: the attention is not connected to the logits by differentiable operations")
+    found = torch.autograd.grad(score, [t.attn for t in taps], allow_unused=True)
+    blocks = []
+    for t, g in zip(taps, found, strict=True):
+        a = t.attn.detach().float()
+        da = g.float() if g is not None else torch.zeros_like(a)
+        blocks.append(torch.eye(a.shape[-1], device=a.device) + (da * a).clamp_min(0).mean(1))
+    return roll_windows(taps, blocks)
