@@ -310,3 +310,23 @@ def test_xai_explain_on_a_swin_stage_end_to_end(tmp_path, image_dir):
                       "attention_rollout": [8, 8], "grad_rollout": [8, 8]}  # rollouts on the 8x8 patch grid
     run = json.loads((out / "run.json").read_text())
     assert run["layer_layout"]["layout"] == "nhwc" and run["layer_shape"] == [32, 4, 4] and not run["layer_auto"]
+
+
+def zero_head_vit(num_classes: int = 5) -> nn.Module:
+    """tiny_vit with the zero head torchvision gives an untrained ViT."""
+    net = tiny_vit(num_classes)
+    with torch.no_grad():
+        net.heads.head.weight.zero_()
+    return net
+
+
+def test_a_zero_classifier_is_said_at_the_start_and_a_trained_one_is_not():
+    from xaicli.config import ModelConfig, PreprocessConfig
+    from xaicli.models import build_model
+
+    pre = PreprocessConfig(resize=[32, 32])
+    zero = build_model(ModelConfig(source="factory", factory="tests.test_vit:zero_head_vit", weights="random"), pre)
+    said = [n for n in zero.notes if "all-zero weights" in n]
+    assert len(said) == 1 and "`heads.head`" in said[0] and "gradient maps" in said[0]
+    trained = build_model(ModelConfig(source="factory", factory="tests.nets:tiny_vit", weights="random"), pre)
+    assert not any("all-zero" in n for n in trained.notes)

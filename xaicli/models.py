@@ -439,7 +439,20 @@ def build_model(cfg: ModelConfig, preprocess: PreprocessConfig) -> LoadedModel:
     resolved = Preprocess.resolve(preprocess, pre)
     pre_sources = _preprocess_sources(preprocess, pre, model_pre, resolved)
     sources = {"weights": origin, "labels": labels_origin, "preprocess": pre_sources}
-    return LoadedModel(model, labels, resolved, desc, sources, _assumption_notes(labels, resolved, pre_sources))
+    notes = _assumption_notes(labels, resolved, pre_sources) + _zero_head_note(model)
+    return LoadedModel(model, labels, resolved, desc, sources, notes)
+
+
+def _zero_head_note(model: nn.Module) -> list[str]:
+    """A classifier (the last linear layer) with all-zero weights gives every image the same
+    logits, so every gradient is zero: torchvision's ViT before training, or weights not loaded."""
+    name, head = next(((n, m) for n, m in reversed(list(model.named_modules())) if isinstance(m, nn.Linear)),
+                      ("", None))
+    if head is None or bool(head.weight.detach().any()):
+        return []
+    return [f"the classifier `{name}` has all-zero weights (torchvision initialises a ViT's head to zero): every "
+            "image gets the same logits, so gradient maps (Grad-CAM, Integrated Gradients, grad_rollout, ...) are "
+            "zero; load trained weights"]
 
 
 def weights_digest(model: nn.Module) -> str:
