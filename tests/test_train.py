@@ -135,6 +135,35 @@ def test_cam_boxes_find_the_objects_far_better_than_a_centred_box(cam_run, data,
     assert agg["cam"]["max_box_acc"]["value"] == agg["gradcam"]["max_box_acc"]["value"]  # Grad-CAM = CAM / Z
 
 
+def test_localization_report_tool_agrees_with_the_records(cam_run, data, tmp_path):
+    """tools/localization_report.py (the table of docs/training.md) on a trained run: its numbers
+    recomputed here from the run's own records with this file's helpers."""
+    from tools import localization_report as tool
+
+    js, pic = tmp_path / "table.json", tmp_path / "maps.jpg"
+    assert tool.main([str(cam_run.out), "--data", str(data), "--methods", "cam,gradcam", "--json", str(js),
+                      "--picture", str(pic)]) == 0
+    rows = json.loads(js.read_text())
+    records = read_run(cam_run.out / "val-explain").records
+    truth = true_boxes(data)
+    assert len(records) == 60 and set(rows) == {cam_run.out.name, "baselines"}
+    row = rows[cam_run.out.name]
+    assert row["train"]["head"]["kind"] == "cam" and row["train"]["epochs"] == 10
+    acc = np.mean([r["topk"][0]["label"] == r["path"].split("/")[0] for r in records])
+    for method in ("cam", "gradcam"):
+        ours, base = box_ious(records, method, truth)
+        assert row[method]["accuracy"] == pytest.approx(acc)
+        assert row[method]["mean_iou_at_best"] == pytest.approx(ours.mean())
+        assert row[method]["centred_same_size_mean_iou"] == pytest.approx(base.mean())
+    same = [box_iou(centred(truth[r["path"]], r["width"], r["height"]), truth[r["path"]]) for r in records]
+    assert rows["baselines"]["centred_true_size"]["mean_iou"] == pytest.approx(float(np.mean(same)))
+    assert row["cam"]["mean_iou_at_best"] > rows["baselines"]["centred_true_size"]["mean_iou"]
+    from PIL import Image
+
+    with Image.open(pic) as im:
+        assert im.width > 48 and im.height >= 2 * 48  # per image a row: the image and the run's overlay
+
+
 def test_acol_model_is_explained_with_both_branches_fused(acol_run, data, tmp_path):
     assert acol_run.best_val_acc >= 0.55  # chance: 1/3
     state = torch.load(acol_run.out / "model.pth", weights_only=True)

@@ -36,7 +36,8 @@ def explain(run: Path, data: Path, methods: str) -> Path:
     cfg = apply_overrides(load_config(run / "config.yaml"), method=methods,
                           ground_truth=str(data / "ground_truth" / "val" / "boxes.csv"))
     cfg = dataclasses.replace(cfg, metrics={"boxes": {"thresholds": GRID}, "box_iou": {"curve_interval": 0.05},
-                                            "pointing_game": {}, "energy": {}})
+                                            "pointing_game": {}, "energy": {}},
+                              output=dataclasses.replace(cfg.output, annotate=False))  # bare overlays: the picture's tiles
     run_explain(cfg, data / "val", out, overwrite=True)
     return out
 
