@@ -128,16 +128,15 @@ def _state(net: nn.Module):
              getattr(m, "fused_attn", None)) for n, m in net.named_modules()]
 
 
-@pytest.mark.parametrize("build", builders())
-def test_outputs_identical_and_the_model_left_as_found_also_after_an_error(build):
-    net = build()
-    x = x_of()
+def assert_left_as_found(net: nn.Module, x: torch.Tensor, tapping, calls: int) -> None:
+    """The tapped forward gives the model's outputs bit for bit, ``calls`` attention calls are read,
+    and hooks, modes and flags are as before, also after an error inside and after both rollouts."""
     before, ref = _state(net), net(x)
-    with attention_taps(net) as taps:
+    with tapping(net) as taps:
         out = net(x)
-    assert torch.equal(out, ref) and len(taps) == 2
+    assert torch.equal(out, ref) and len(taps) == calls
     assert _state(net) == before
-    with pytest.raises(RuntimeError, match="boom"), attention_taps(net):
+    with pytest.raises(RuntimeError, match="boom"), tapping(net):
         net(x)
         raise RuntimeError("boom")
     assert _state(net) == before
@@ -146,6 +145,11 @@ def test_outputs_identical_and_the_model_left_as_found_also_after_an_error(build
         assert _state(net) == before
     assert torch.equal(net(x), ref)
     assert all(p.grad is None for p in net.parameters())
+
+
+@pytest.mark.parametrize("build", builders())
+def test_outputs_identical_and_the_model_left_as_found_also_after_an_error(build):
+    assert_left_as_found(build(), x_of(), attention_taps, calls=2)
 
 
 # --- known answers through a real toy ViT -----------------------------------------------------
@@ -164,14 +168,18 @@ def test_uniform_attention_gives_a_flat_rollout_of_known_height():
     torch.testing.assert_close(m, torch.full((3, 4, 4), 0.75 / 17))
 
 
+def assert_batch_independent(net: nn.Module, x: torch.Tensor) -> None:
+    """Both rollouts of a batch equal those of its images one by one (each with its own target)."""
+    n = x.shape[0]
+    for name in ("attention_rollout", "grad_rollout"):
+        together = explain(net, x, name, targets=torch.arange(n))
+        alone = torch.cat([explain(net, x[i:i + 1], name, targets=torch.tensor([i])) for i in range(n)])
+        torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("build", builders())
 def test_rollout_and_grad_rollout_do_not_depend_on_the_batch(build):
-    net = build()
-    x = x_of(4, seed=3)
-    for name in ("attention_rollout", "grad_rollout"):
-        together = explain(net, x, name, targets=torch.tensor([0, 1, 2, 3]))
-        alone = torch.cat([explain(net, x[i:i + 1], name, targets=torch.tensor([i])) for i in range(4)])
-        torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-6)
+    assert_batch_independent(build(), x_of(4, seed=3))
 
 
 def test_grad_rollout_is_class_specific_and_rollout_is_not():

@@ -187,24 +187,9 @@ def test_uniform_attention_gives_a_flat_map_of_known_height():
 
 @pytest.mark.parametrize("build", swins())
 def test_outputs_identical_and_the_model_left_as_found_also_after_an_error(build):
-    from tests.test_attention import _state
+    from tests.test_attention import assert_left_as_found
 
-    net = build()
-    x = x_of(3)
-    before, ref = _state(net), net(x)
-    with window_taps(net) as taps:
-        out = net(x)
-    assert torch.equal(out, ref) and len(taps) == 4
-    assert _state(net) == before
-    with pytest.raises(RuntimeError, match="boom"), window_taps(net):
-        net(x)
-        raise RuntimeError("boom")
-    assert _state(net) == before
-    for name in ("attention_rollout", "grad_rollout"):
-        explain(net, x, name)
-        assert _state(net) == before
-    assert torch.equal(net(x), ref)
-    assert all(p.grad is None for p in net.parameters())
+    assert_left_as_found(build(), x_of(3), window_taps, calls=4)
 
 
 @needs_timm
@@ -227,12 +212,11 @@ def test_timms_fused_path_is_off_while_tapped_and_restored():
 
 @pytest.mark.parametrize("build", swins())
 def test_swin_rollouts_do_not_depend_on_the_batch_and_only_grad_rollout_on_the_class(build):
+    from tests.test_attention import assert_batch_independent
+
     net = build()
     x = x_of(4, seed=3)
-    for name in ("attention_rollout", "grad_rollout"):
-        together = explain(net, x, name, targets=torch.tensor([0, 1, 2, 3]))
-        alone = torch.cat([explain(net, x[i:i + 1], name, targets=torch.tensor([i])) for i in range(4)])
-        torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-6)
+    assert_batch_independent(net, x)
     r0, r1 = (explain(net, x[:1], "attention_rollout", targets=torch.tensor([c])) for c in (0, 1))
     torch.testing.assert_close(r0, r1)
     g0, g1 = (explain(net, x[:1], "grad_rollout", targets=torch.tensor([c])) for c in (0, 1))
