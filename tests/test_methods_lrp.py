@@ -126,6 +126,47 @@ def test_the_model_is_left_exactly_as_found_also_on_error(net: str) -> None:
     torch.testing.assert_close(model(x), ref_out, rtol=0, atol=0)
 
 
+def _bias_free_default_model() -> nn.Module:
+    """The embedded EfficientNet-Lite0 with every bias zero (batch norms' shift and mean too): a
+    bias-free net with 9 MBConv skip connections written as ``x + inputs`` in its blocks' forward."""
+    from xaicli.config import Config
+    from xaicli.models import build_model
+
+    cfg = Config()
+    model = build_model(cfg.model, cfg.preprocess).module.eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.bias.zero_()
+                m.running_mean.zero_()
+            elif isinstance(m, nn.Conv2d | nn.Linear) and m.bias is not None:
+                m.bias.zero_()
+    return model
+
+
+@pytest.mark.usefixtures("zennit")
+@pytest.mark.parametrize("composite", ["epsilon_plus_flat", "epsilon"])
+def test_efficientnet_skips_share_the_relevance_instead_of_doubling_it(composite: str) -> None:
+    """Without the MBConv canonizer each of the 9 skip sums hands the whole relevance to both of its
+    terms, so the bias-free default model's relevance came out about 2^9 times its logit (epsilon:
+    1e17). With it the relevance is the logit to 3% (ReLU6 and the stabilisers). The blocks are
+    restored afterwards."""
+    from xaicli.methods.gradient_lrp import _is_mbconv
+
+    model = _bias_free_default_model()
+    blocks = [m for m in model.modules() if _is_mbconv(m)]
+    assert len(blocks) == 16
+    before = snapshot(model)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    batch, m, extras = batch_of(model, x, "lrp", {"composite": composite})
+    logits = batch.target_scores()
+    ratio = extras["relevance_sum"] / logits
+    assert ((ratio - 1).abs() < 0.03).all(), ratio
+    close(m.sum((1, 2)), extras["relevance_sum"], 1e-4)  # the map is the relevance summed over channels
+    assert_as_found(model, before)
+    assert all(b.id_skip for b in blocks)
+
+
 def test_unknown_composite_lists_the_choices() -> None:
     with pytest.raises(ConfigError) as e:
         explain_tensor(PlainNet().eval(), inputs(1), "lrp", params={"composite": "epsilon_plus_flatt"})

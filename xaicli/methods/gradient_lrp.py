@@ -1,6 +1,7 @@
 """Layer-wise Relevance Propagation and Deep Taylor decomposition through Zennit (Anders et al.,
 the field's LRP library for PyTorch): Zennit's composites assign the rules per layer type, its
-canonizers merge batch norms into the preceding linear layers and rewrite ResNet skip connections,
+canonizers merge batch norms into the preceding linear layers and rewrite ResNet's and EfficientNet's
+skip connections,
 and the relevance at the input is the gradient of the class logit under the composite's hooks.
 
 Zennit is optional (``pip install 'xaicli[lrp]'``). Everything it changes on the model (hooks,
@@ -47,7 +48,8 @@ def _canonizer_check(v: str) -> str | None:
 class LrpParams:
     composite: str = field(default="epsilon_plus_flat", metadata={"check": _composite_check})
     # auto: Zennit's ResNetCanonizer for torchvision ResNets, else every batch norm that directly
-    # follows a convolution or linear layer (found by tracing one forward) merged into it; none.
+    # follows a convolution or linear layer (found by tracing one forward) merged into it, and
+    # EfficientNet's MBConv skips made Zennit sums (batchnorm); none.
     canonizer: str = field(default="auto", metadata={"check": _canonizer_check})
     epsilon: float = 1e-6  # of the epsilon rule (Zennit's default)
     gamma: float = 0.25  # of the gamma rule (epsilon_gamma_box)
@@ -100,6 +102,44 @@ def batchnorm_pairs(model: nn.Module, x: Tensor) -> list[tuple[list[str], str]]:
     return pairs
 
 
+def _is_mbconv(m: nn.Module) -> bool:
+    """EfficientNet's MBConvBlock as efficientnet_pytorch and efficientnet_lite_pytorch write it
+    (the embedded default model): its skip connection is ``x + inputs`` inside its forward."""
+    return type(m).__name__ == "MBConvBlock" and hasattr(m, "_block_args") and hasattr(m, "id_skip")
+
+
+def _mbconv_skip_canonizer(zn: Any) -> Any:
+    """A Zennit canonizer for :func:`_is_mbconv` blocks. A relevance pass gives a function's sum the
+    whole relevance on both branches, doubling it at every skip (2^9 on EfficientNet-Lite0); this
+    runs the block's own forward without its skip and adds the skip through Zennit's ``Sum`` module,
+    whose Norm rule splits the relevance in proportion to the two terms (as Zennit's ResNet
+    canonizer does for ResNet's blocks)."""
+
+    class MBConvSkip(zn.canonizers.AttributeCanonizer):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            super().__init__(self._attribute_map)
+
+        @classmethod
+        def _attribute_map(cls, name: str, module: nn.Module) -> dict[str, Any] | None:
+            if not _is_mbconv(module):
+                return None
+            return {"forward": cls.forward.__get__(module), "canonizer_sum": zn.layer.Sum()}
+
+        @staticmethod
+        def forward(self: Any, inputs: Tensor, drop_connect_rate: float | None = None) -> Tensor:
+            args = self._block_args
+            if not (self.id_skip and args.stride == 1 and args.input_filters == args.output_filters):
+                return type(self).forward(self, inputs, drop_connect_rate)
+            self.id_skip = False  # the block's own forward, less its skip sum
+            try:
+                x = type(self).forward(self, inputs, drop_connect_rate)
+            finally:
+                self.id_skip = True
+            return self.canonizer_sum(torch.stack([inputs, x], dim=-1))
+
+    return MBConvSkip()
+
+
 def _canonizers(zn: Any, model: nn.Module, x: Tensor, p: LrpParams) -> list[Any]:
     kind = p.canonizer
     if kind == "auto":
@@ -110,7 +150,10 @@ def _canonizers(zn: Any, model: nn.Module, x: Tensor, p: LrpParams) -> list[Any]
         return [zn.torchvision.ResNetCanonizer()]
     if kind == "batchnorm":
         pairs = batchnorm_pairs(model, x[:1])
-        return [zn.canonizers.NamedMergeBatchNorm(pairs)] if pairs else []
+        out = [zn.canonizers.NamedMergeBatchNorm(pairs)] if pairs else []
+        if any(_is_mbconv(m) for m in model.modules()):
+            out.append(_mbconv_skip_canonizer(zn))
+        return out
     return []
 
 
