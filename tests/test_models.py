@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from torch import nn
 
 from tests.nets import GapNet
 from xaicli.config import ModelConfig, PreprocessConfig, config_from_dict
@@ -270,3 +271,37 @@ def test_layers_and_methods_list_a_torchvision_architecture_whose_weights_are_no
     write_images(tmp_path / "images", n=1)
     r = CliRunner().invoke(app, ["explain", str(tmp_path / "images"), "-c", str(cfg), "-o", str(tmp_path / "out")])
     assert r.exit_code == 3 and "not in torch hub's cache" in r.output
+
+
+class FakeDetector(nn.Module):
+    """Returns what torchvision's detection models return in eval mode: boxes per image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        f = self.conv(x)
+        return [{"boxes": torch.zeros(0, 4), "scores": f.new_zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
+                for _ in range(x.shape[0])]
+
+
+class FakeSegmenter(FakeDetector):
+    """Returns what torchvision's segmentation models return: {'out': (B, classes, H, W)}."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return {"out": self.conv(x)}
+
+
+@pytest.mark.parametrize(("factory", "said"), [("FakeDetector", "detection model"),
+                                               ("FakeSegmenter", "segmentation model")])
+def test_a_detection_or_segmentation_model_is_refused_as_such(factory: str, said: str) -> None:
+    from xaicli.config import config_from_dict
+    from xaicli.engine import setup
+    from xaicli.errors import MethodError
+
+    cfg = config_from_dict({"model": {"source": "factory", "factory": f"tests.test_models:{factory}",
+                                      "weights": "random"}, "preprocess": {"resize": [32, 32]}})
+    with pytest.raises(MethodError, match="expected a logits tensor") as e:
+        setup(cfg, torch.device("cpu"))
+    assert said in (e.value.hint or "") and "classifiers" in e.value.hint

@@ -116,7 +116,20 @@ def as_logits(out: Any) -> Tensor:
         return out.logits
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
         return out[0]
-    raise MethodError(f"the model returned {type(out).__name__}; expected a logits tensor (B, classes)")
+    raise MethodError(f"the model returned {type(out).__name__}; expected a logits tensor (B, classes)", _task_hint(out))
+
+
+def _task_hint(out: Any) -> str | None:
+    """What the output looks like when it is not a classifier's: detection (boxes per image) or
+    segmentation (a map per class, torchvision's {'out': ...})."""
+    first = out[0] if isinstance(out, (tuple, list)) and out else None
+    if isinstance(first, dict) and "boxes" in first:
+        return ("this looks like a detection model (boxes per image); xaicli explains image classifiers, "
+                "so explain its backbone with a classification head, or use a classifier")
+    if isinstance(out, dict) and isinstance(out.get("out"), Tensor) and out["out"].dim() == 4:
+        return ("this looks like a segmentation model (a map per class); xaicli explains image classifiers, "
+                "so explain a classifier, or wrap the model to return (B, classes) scores (model.factory)")
+    return None
 
 
 # --------------------------------------------------------------------------------------------
