@@ -305,3 +305,26 @@ def test_a_detection_or_segmentation_model_is_refused_as_such(factory: str, said
     with pytest.raises(MethodError, match="expected a logits tensor") as e:
         setup(cfg, torch.device("cpu"))
     assert said in (e.value.hint or "") and "classifiers" in e.value.hint
+
+
+def test_a_factory_module_in_the_current_folder_is_found(tmp_path: Path, monkeypatch) -> None:
+    """`factory: mynet:build` with mynet.py where xai runs (the console script alone does not search
+    there); a module found nowhere says where it was looked for."""
+    import sys
+
+    (tmp_path / "xai_test_mynet.py").write_text(
+        "import torch.nn as nn\n"
+        "def build(num_classes: int = 4) -> nn.Module:\n"
+        "    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "xai_test_mynet", raising=False)
+    loaded = build_model(ModelConfig(source="factory", factory="xai_test_mynet:build", weights="random"),
+                         PreprocessConfig(resize=[32, 32]))
+    assert loaded.module[-1].out_features == 4
+    assert sys.path[-1] == str(tmp_path)  # appended: never in front of installed packages
+    sys.modules.pop("xai_test_mynet", None)
+    with pytest.raises(ModelError) as e:
+        build_model(ModelConfig(source="factory", factory="xai_test_nowhere:build", weights="random"),
+                    PreprocessConfig())
+    assert "run xai from the folder that holds xai_test_nowhere" in e.value.hint

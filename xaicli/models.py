@@ -280,6 +280,22 @@ def _hub_weights(weights: Any) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def _import_factory_module(name: str) -> Any:
+    """Import ``name``; a module of the user's own in the current folder is found too (as
+    ``python -m`` would; the ``xai`` script alone does not look there). The folder goes at the end of
+    the search path, so it never shadows an installed package."""
+    import sys
+
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        here = os.getcwd()
+        if e.name != name.split(".")[0] or here in sys.path or "" in sys.path:
+            raise
+        sys.path.append(here)
+        return importlib.import_module(name)
+
+
 def _factory(cfg: ModelConfig) -> tuple[nn.Module, str]:
     assert cfg.factory
     mod_name, sep, attr = cfg.factory.partition(":")
@@ -289,10 +305,12 @@ def _factory(cfg: ModelConfig) -> tuple[nn.Module, str]:
         raise ConfigError(f"model.factory: {cfg.factory} is in the Python standard library, not a model factory",
                           FACTORY_HINT)
     try:
-        obj: Any = importlib.import_module(mod_name)
+        obj: Any = _import_factory_module(mod_name)
     except ImportError as e:
         raise ModelError(
-            f"model.factory: cannot import {mod_name!r}: {e}", f"pip install the package providing {mod_name}"
+            f"model.factory: cannot import {mod_name!r}: {e}",
+            f"pip install the package providing {mod_name}, or run xai from the folder that holds "
+            f"{mod_name.split('.')[0]} (or put that folder on PYTHONPATH)",
         ) from None
     for part in attr.split("."):
         if not hasattr(obj, part):
