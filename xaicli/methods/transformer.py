@@ -139,8 +139,9 @@ def attention_taps(model: nn.Module) -> Iterator[list[Tap]]:
                 f"attention rollout needs attention it can read: global self-attention over tokens "
                 f"(torchvision's nn.MultiheadAttention or timm's Attention, as in ViT and DeiT) or Swin's window "
                 f"attention (torchvision, timm); {type(model).__name__} has none{found}",
-                "use a CAM or gradient method on this model (MaxViT mixes its tokens with convolutions between "
-                "its attention blocks, which a rollout does not follow)",
+                "use a CAM or gradient method on this model" + (
+                    " (MaxViT-like models mix their tokens with convolutions between their attention blocks, "
+                    "which a rollout does not follow)" if unsupported else ""),
             )
         yield taps
     finally:
