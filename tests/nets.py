@@ -133,11 +133,12 @@ def tiny_swin(num_classes: int = 5, seed: int = 0, depths: tuple[int, ...] = (2,
     return _randomise(net, seed, 0.3)
 
 
-def tiny_timm_swin(num_classes: int = 5, seed: int = 0, image_size: int = 32) -> nn.Module:
-    """timm's Swin at toy size: 2 stages, window 4 (it shifts before it pads, torchvision after)."""
+def tiny_timm_swin(num_classes: int = 5, seed: int = 0, image_size: int = 32, v2: bool = False) -> nn.Module:
+    """timm's Swin (or Swin V2) at toy size: 2 stages, window 4 (it shifts before it pads, torchvision after)."""
     import timm
 
-    net = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=image_size, embed_dim=16,
+    name = "swinv2_tiny_window8_256" if v2 else "swin_tiny_patch4_window7_224"
+    net = timm.create_model(name, pretrained=False, img_size=image_size, embed_dim=16,
                             depths=(2, 2), num_heads=(2, 2), window_size=4, num_classes=num_classes)
     return _randomise(net, seed, 0.3)
 

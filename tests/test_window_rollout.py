@@ -32,7 +32,8 @@ def swins():
     """Builders of a toy Swin for a square input size (torchvision's adapts to any; timm's is built for one)."""
     return [pytest.param(lambda size=32: tiny_swin(), id="torchvision"),
             pytest.param(lambda size=32: tiny_swin(v2=True), id="torchvision-v2"),
-            pytest.param(lambda size=32: tiny_timm_swin(image_size=size), id="timm", marks=needs_timm)]
+            pytest.param(lambda size=32: tiny_timm_swin(image_size=size), id="timm", marks=needs_timm),
+            pytest.param(lambda size=32: tiny_timm_swin(image_size=size, v2=True), id="timm-v2", marks=needs_timm)]
 
 
 def x_of(n: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -75,6 +76,9 @@ def _window_outputs(net: nn.Module, x: torch.Tensor) -> list[tuple[torch.Tensor,
     for m in net.modules():
         if isinstance(m, ShiftedWindowAttention):
             handles.append(m.register_forward_hook(lambda mod, a, o: seen.append((a[0], o, mod))))
+        elif type(m).__name__ == "SwinTransformerV2Block":  # timm's V2 block: norm1(_attn(x)), post-norm
+            handles.append(m.register_forward_pre_hook(
+                lambda blk, a: seen.append((a[0], blk._attn(a[0]), blk.attn))))
         elif hasattr(m, "_attn") and hasattr(m, "norm1"):  # timm's block: _attn(norm1(x))
             handles.append(m.norm1.register_forward_hook(
                 lambda mod, a, o, blk=m: seen.append((o, blk._attn(o), blk.attn))))
@@ -95,7 +99,10 @@ def test_the_frames_attention_reproduces_every_calls_output(build, size):
     net = build(size)
     with torch.no_grad():
         for m in net.modules():
-            if hasattr(m, "qkv"):
+            for bias in ("q_bias", "v_bias"):  # timm's V2 keeps them apart from its bias-free qkv
+                if isinstance(getattr(m, bias, None), nn.Parameter):
+                    getattr(m, bias).zero_()
+            if hasattr(m, "qkv") and m.qkv.bias is not None:
                 m.qkv.bias.zero_()
     x = x_of(2, size)
     with torch.no_grad(), window_taps(net) as taps:

@@ -1,5 +1,5 @@
 """Rollout through window attention (Swin): the attention of torchvision's ``ShiftedWindowAttention``
-(v1 and v2) and timm's ``SwinTransformerBlock`` read beside the forward, and relevance carried back
+(v1 and v2) and timm's ``SwinTransformerBlock`` (and its V2) read beside the forward, and relevance carried back
 from the pooled output to the patch grid.
 
 Swin has no class token: its head averages the last stage's tokens, so the query the rollout starts
