@@ -439,10 +439,15 @@ class Layout:
         self.group = Group(self.dist) if self.dist is not None else None
         try:
             yield self
-        finally:
-            if self.group is not None:
-                self.group.close()
-            self.group = None
+        except BaseException:
+            self._leave(together=False)
+            raise
+        self._leave(together=True)
+
+    def _leave(self, together: bool) -> None:
+        if self.group is not None:
+            self.group.close(together)
+        self.group = None
 
     @contextmanager
     def locked(self, what: str) -> Iterator[Layout]:
@@ -668,9 +673,15 @@ class Group:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def close(self) -> None:
+    def close(self, together: bool = False) -> None:
+        """Leave the group. ``together`` (a run that ended normally): a last barrier first, so no rank
+        tears its connections down while another still has work on the group (rank 0 writes the
+        merged report after the others are done; gloo can abort a process whose peer has gone)."""
         import torch.distributed as dist
 
         if self.owned and dist.is_initialized():
+            if together:
+                with contextlib.suppress(RuntimeError):
+                    dist.barrier()
             dist.destroy_process_group()
         self.owned = False
