@@ -202,7 +202,7 @@ def _fuse(a: Tensor, how: HeadFusion) -> Tensor:
 @register(
     "attention_rollout",
     family="attention",
-    summary="Attention rollout: the product over blocks of the head-fused attention plus identity",
+    summary="Attention rollout: the product over blocks of the head-fused attention plus identity (ViT, DeiT, Swin)",
     paper="Abnar & Zuidema 2020, Quantifying Attention Flow in Transformers",
     space="layer",
     needs_layer=False,
@@ -250,7 +250,8 @@ def gradient_rollout(weights: list[Tensor], grads: list[Tensor]) -> Tensor:
 @register(
     "grad_rollout",
     family="attention",
-    summary="Gradient-weighted rollout: positive gradient x attention per block, accumulated (class-specific)",
+    summary="Gradient-weighted rollout: positive gradient x attention per block, accumulated (class-specific; ViT, DeiT, "
+            "Swin)",
     paper="Chefer, Gur & Wolf 2021, Generic Attention-model Explainability for Interpreting Bi-Modal and "
           "Encoder-Decoder Transformers",
     space="layer",
