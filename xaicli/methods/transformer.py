@@ -1,6 +1,7 @@
 """Transformer methods that read the model's own attention: attention rollout (Abnar & Zuidema
 2020) and its gradient-weighted variant (Chefer, Gur & Wolf 2021). Maps are (B, h, w) on the
-patch grid (layer space), from the class token's row.
+patch grid (layer space), from the class token's row; on Swin's window attention (no class token)
+from the pooled tokens, through windows and patch merging (windows.py).
 
 The attention weights are read without touching the model's computation: torchvision's
 ``EncoderBlock`` calls ``nn.MultiheadAttention`` with ``need_weights=False`` and timm's
@@ -213,7 +214,8 @@ def _fuse(a: Tensor, how: HeadFusion) -> Tensor:
 def attention_rollout(batch: Batch, p: RolloutParams) -> Tensor:
     """R = prod_l (0.5 A_l + 0.5 I), rows renormalised, later blocks on the left (:func:`rollout`);
     A_l the block's attention fused over heads (mean, or max/min as in Gildenblat's vit-explain);
-    the map is the class token's row over the patch tokens (B, h, w). Class-agnostic."""
+    the map is the class token's row over the patch tokens (B, h, w). Swin: the same factors inside
+    each call's windows, from the pooled tokens (:func:`windows.roll_windows`). Class-agnostic."""
     if has_window_attention(batch.model):
         wtaps, _ = _run_taps(batch, grads=False, tapping=window_taps)
         return roll_windows(wtaps, [_rollout_factor(t.attn.detach().float(), p.head_fusion) for t in wtaps])
@@ -261,7 +263,8 @@ def gradient_rollout(weights: list[Tensor], grads: list[Tensor]) -> Tensor:
 )
 def grad_rollout(batch: Batch, p: Any) -> Tensor:
     """R = I; per block R += mean_h((dA ⊙ A)^+) R (:func:`gradient_rollout`), dA = d logit[target] / d A
-    (their eq. 5-6 for self-attention); the map is the class token's row over the patch tokens (B, h, w)."""
+    (their eq. 5-6 for self-attention); the map is the class token's row over the patch tokens (B, h, w);
+    Swin: :func:`_grad_roll_windows`."""
     if has_window_attention(batch.model):
         return _grad_roll_windows(batch)
     taps, score = _run_taps(batch, grads=True)
